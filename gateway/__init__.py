@@ -1,0 +1,1 @@
+"""idlegrid gateway: the OpenAI-compatible front door over a fleet of GPU workers."""

@@ -1,0 +1,76 @@
+"""`idlegrid admin`: the operator's client for the gateway's admin API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import httpx
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gateway", default=os.environ.get("IDLEGRID_GATEWAY", "http://127.0.0.1:8000"), help="gateway URL (env IDLEGRID_GATEWAY)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    sub.required = True
+    w = sub.add_parser("workers", help="list the fleet")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
+    k = sub.add_parser("create-key", help="create a client API key")
+    k.add_argument("--name", default="")
+    k.add_argument("--policy", default="", help="default routing policy for this key")
+    k.add_argument("--allowed-centers", default="", help="comma-separated centers this key's requests may run in")
+    t = sub.add_parser("create-enroll-token", help="create a worker enrollment token")
+    t.add_argument("--center", default="", help="the only center the token enrolls into (default: any)")
+    t.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default 3600)")
+    t.add_argument("--uses", type=int, default=1, help="how many workers may use it (default 1)")
+    for action, help_text in (("drain", "stop sending work to a worker and hand its GPU back"), ("wake", "return a drained worker to service"), ("revoke", "take a worker out at once and void its credential")):
+        a = sub.add_parser(action, help=help_text)
+        a.add_argument("worker_id")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gateway.cli import UserError
+
+    token = os.environ.get("IDLEGRID_ADMIN_TOKEN")
+    if not token:
+        raise UserError("set IDLEGRID_ADMIN_TOKEN to the gateway's admin token")
+    client = httpx.Client(base_url=args.gateway, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    try:
+        if args.action == "workers":
+            r = client.get("/admin/workers")
+        elif args.action == "create-key":
+            centers = [c for c in args.allowed_centers.split(",") if c]
+            r = client.post("/admin/keys", json={"name": args.name, "policy": args.policy, "allowed_centers": centers})
+        elif args.action == "create-enroll-token":
+            r = client.post("/admin/enroll-tokens", json={"center": args.center, "ttl_s": args.ttl, "uses": args.uses})
+        else:
+            r = client.post(f"/admin/workers/{args.worker_id}/{args.action}")
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the gateway at {args.gateway}: {exc}") from None
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        raise UserError(f"gateway answered {r.status_code}: {message}")
+    data = r.json()
+    if args.action == "workers" and not args.json:
+        _print_workers(data["workers"])
+    elif args.action == "create-key":
+        print(data["key"])
+    elif args.action == "create-enroll-token":
+        print(data["token"])
+    else:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def _print_workers(workers: list[dict]) -> None:
+    header = f"{'ID':<16} {'CENTER':<8} {'GPU':<8} {'MODEL':<32} {'STATE':<9} {'LOAD':>9} {'ENGINE':<28} PID"
+    print(header)
+    for w in workers:
+        load = f"{w['reserved_requests']}/{w['max_num_seqs']}"
+        print(f"{w['id']:<16} {w['center']:<8} {w['gpu']:<8} {w['model'][:32]:<32} {w['state']:<9} {load:>9} {w['engine_url']:<28} {w.get('engine_pid') or '-'}")
+    if not workers:
+        print("(no workers)", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""The gateway application: one Starlette app, its shared parts, and its routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, AsyncIterator
+
+import httpx
+import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway import admin, control, serving
+from gateway.config import GatewayConfig
+from gateway.dispatch import Dispatcher
+from gateway.errors import APIError, api_error_handler, http_exception_handler, unhandled_error_handler
+from gateway.fleet import GONE, READY
+from gateway.metrics import GatewayMetrics
+from gateway.policies import POLICIES, make_policy
+from gateway.registry import Registry
+
+log = logging.getLogger("idlegrid.gateway")
+
+_KEY_CACHE_S = 5.0  # a revoked API key stops working within this long
+
+
+class Gateway:
+    """Everything one gateway process shares between requests."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.log = log
+        self.metrics = GatewayMetrics()
+        self.redis = aioredis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self.registry = Registry(self.redis, heartbeat_ttl=config.heartbeat_ttl_s, lease_s=config.reservation_lease_s)
+        # One pooled client for all engines. No total timeout: a reasoning stream may
+        # run for many minutes; `read` is the longest silence allowed between chunks.
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=config.engine_connect_timeout_s, read=config.engine_idle_timeout_s, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
+        self.dispatcher = Dispatcher(config, self.registry, self.http, self.metrics, {name: make_policy(name) for name in POLICIES})
+        self._keys: dict[str, tuple[float, dict[str, str] | None]] = {}
+
+    async def authenticate(self, request: Request) -> dict[str, str]:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not key:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        cached = self._keys.get(key)
+        if cached and time.monotonic() - cached[0] < _KEY_CACHE_S:
+            tenant = cached[1]
+        else:
+            try:
+                tenant = await self.registry.lookup_api_key(key)
+            except aioredis.RedisError:
+                raise APIError(503, "fleet state is unavailable right now", code="redis_unavailable") from None
+            self._keys[key] = (time.monotonic(), tenant)
+        if tenant is None:
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+        return tenant
+
+    async def renew_leases_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reservation_lease_s / 3)
+            with contextlib.suppress(Exception):
+                await self.dispatcher.renew_leases()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.redis.aclose()
+
+
+async def list_models(request: Request) -> JSONResponse:
+    gw: Gateway = request.app.state.gateway
+    await gw.authenticate(request)
+    workers = [w for w in await gw.registry.workers() if w.state != GONE]
+    models: dict[str, dict[str, Any]] = {}
+    for w in workers:
+        entry = models.setdefault(w.model, {"id": w.model, "object": "model", "created": 0, "owned_by": "idlegrid", "workers": 0, "simulated": True})
+        entry["workers"] += 1
+        entry["simulated"] = entry["simulated"] and w.engine_kind == "sim"
+    for entry in models.values():
+        if entry["simulated"]:
+            entry["owned_by"] = "idlegrid-sim"
+    return JSONResponse({"object": "list", "data": sorted(models.values(), key=lambda m: m["id"])})
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> JSONResponse:
+    """Ready = Redis answers and at least one worker can take work."""
+    gw: Gateway = request.app.state.gateway
+    try:
+        workers = await gw.registry.workers()
+    except aioredis.RedisError as exc:
+        return JSONResponse({"status": "unavailable", "reason": f"redis: {exc}"}, status_code=503)
+    n_ready = sum(w.state == READY for w in workers)
+    status = 200 if n_ready else 503
+    return JSONResponse({"status": "ready" if n_ready else "no_workers", "ready_workers": n_ready}, status_code=status)
+
+
+async def metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    with contextlib.suppress(aioredis.RedisError):
+        workers = await gw.registry.workers()
+        gw.metrics.inflight.clear()
+        gw.metrics.workers.clear()
+        counts: dict[str, int] = {}
+        for w in workers:
+            gw.metrics.inflight.labels(w.id, w.center).set(w.reserved_requests)
+            counts[w.state] = counts.get(w.state, 0) + 1
+        for state, n in counts.items():
+            gw.metrics.workers.labels(state).set(n)
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(config: GatewayConfig) -> Starlette:
+    gateway = Gateway(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        renewer = asyncio.create_task(gateway.renew_leases_forever())
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await gateway.close()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", serving.chat_completions, methods=["POST"]),
+            Route("/v1/completions", serving.completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *control.routes,
+            *admin.routes,
+        ],
+        exception_handlers={APIError: api_error_handler, HTTPException: http_exception_handler, Exception: unhandled_error_handler},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,72 @@
+"""What the gateway knows about one worker, and how a request asks for room on it.
+
+`Worker` is a snapshot read from Redis (see `gateway.registry`); policies only
+ever see snapshots and never talk to Redis themselves, so they are plain
+functions of their input and easy to test on hand-built fleets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Worker lifecycle. Only READY workers get new requests.
+STARTING = "starting"
+READY = "ready"
+DRAINING = "draining"
+SLEEPING = "sleeping"
+GONE = "gone"
+STATES = (STARTING, READY, DRAINING, SLEEPING, GONE)
+
+
+@dataclass
+class Worker:
+    id: str
+    center: str
+    model: str  # served model id, as in /v1/models
+    engine_url: str
+    gpu: str = "unknown"
+    state: str = STARTING
+    engine_api_key: str = ""
+    engine_kind: str = "external"  # vllm | sim | external
+    engine_pid: int | None = None
+    max_num_seqs: int = 256
+    kv_capacity_tokens: int = 0  # 0 = unknown
+    # Gateway-side reservations (atomic in Redis, summed over all gateways).
+    reserved_requests: int = 0
+    reserved_tokens: int = 0
+    # Engine-reported load, from the worker's heartbeat.
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0  # 0..1
+    power_w: float | None = None
+    energy_j: float | None = None
+    energy_source: str | None = None  # "nvml" | "modeled" | None (unknown)
+    tpot_ms: float | None = None  # measured time per output token, from streams
+    # Predicted decode step time: tpot ≈ tpot_base_ms + tpot_ms_per_1k_kv * (KV tokens held / 1000).
+    # From the GPU/model profile (simulated engines) or the qualification probe.
+    tpot_base_ms: float | None = None
+    tpot_ms_per_1k_kv: float | None = None
+    last_heartbeat: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests this worker holds or is about to hold."""
+        return max(self.reserved_requests, self.running) + self.waiting
+
+
+@dataclass
+class RouteRequest:
+    """What a policy may know about the request it is placing."""
+
+    model: str
+    prompt_tokens: int  # estimated
+    max_output_tokens: int  # expected output tokens the reservation counts
+    prefix_key: str = ""  # text the prefix-affinity policy hashes
+    center: str = ""  # the gateway's own center
+    allowed_centers: tuple[str, ...] = ()  # empty = any
+    api_key_id: str = ""
+
+    @property
+    def reserved_tokens(self) -> int:
+        return self.prompt_tokens + self.max_output_tokens

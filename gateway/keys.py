@@ -1,0 +1,32 @@
+"""Redis key names. One place, so the schema is readable at a glance.
+
+Every key carries the hash tag `{fleet}` (or `{tenants}`), so each Lua script
+touches one slot and the same code runs on Redis Cluster.
+"""
+
+PREFIX = "idlegrid:{fleet}"
+
+WORKERS = f"{PREFIX}:workers"  # SET of worker ids
+
+
+def worker(worker_id: str) -> str:
+    return f"{PREFIX}:worker:{worker_id}"  # HASH of Worker fields
+
+
+def reservations(worker_id: str) -> str:
+    return f"{PREFIX}:resv:{worker_id}"  # HASH request_id -> "tokens expiry"
+
+
+def enroll_token(token_hash: str) -> str:
+    return f"{PREFIX}:enroll:{token_hash}"  # HASH center, expires_at, uses_left
+
+
+def credential(credential_hash: str) -> str:
+    return f"{PREFIX}:cred:{credential_hash}"  # STRING worker id
+
+
+def api_key(key_hash: str) -> str:
+    return f"idlegrid:{{tenants}}:key:{key_hash}"  # HASH name, policy, allowed_centers
+
+
+API_KEYS = "idlegrid:{tenants}:keys"  # SET of key hashes

@@ -1,0 +1,45 @@
+"""SLO packing, the default: fill each GPU up to its latency SLO, then the next.
+
+A GPU decoding a big batch makes many more tokens per joule than several GPUs
+decoding small ones (ML.ENERGY: 2.2 -> 14.3 tokens/J on an H100 from batch 8
+to 512), and a GPU left with no work can go back to training. So among the
+workers whose predicted time per output token, with this request added, still
+meets the SLO, pick the fullest (relative to its own capacity). Only when none
+meets it, spill to the one that would decode fastest.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from gateway.fleet import RouteRequest, Worker
+from gateway.headroom import fill_fraction, predicted_tpot_ms
+from gateway.policies.least_load import least_loaded
+
+DEFAULT_TPOT_SLO_MS = 60.0
+
+
+class SloPack:
+    name = "slo_pack"
+
+    def __init__(self, rng: random.Random | None = None, *, tpot_slo_ms: float = DEFAULT_TPOT_SLO_MS) -> None:
+        self._rng = rng or random.Random()
+        self.tpot_slo_ms = tpot_slo_ms
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Worker]) -> Worker | None:
+        if not candidates:
+            return None
+        predicted = {worker.id: predicted_tpot_ms(worker, request) for worker in candidates}
+        meeting = [w for w in candidates if predicted[w.id] is not None and predicted[w.id] <= self.tpot_slo_ms]
+        if meeting:
+            local = [w for w in meeting if request.center and w.center == request.center]
+            # Fullest first; among equally full (say, all idle) the fastest,
+            # then by id so every gateway packs onto the same GPU.
+            return min(local or meeting, key=lambda w: (-fill_fraction(w), predicted[w.id], w.id))
+        # Workers we cannot predict yet (no profile, no stream measured):
+        # spread over them rather than pack blind.
+        unknown = [w for w in candidates if predicted[w.id] is None]
+        if unknown:
+            return least_loaded(unknown, self._rng)
+        return min(candidates, key=lambda w: (predicted[w.id], w.id))

@@ -1,0 +1,303 @@
+"""The fleet registry in Redis: workers, heartbeats, reservations, credentials.
+
+Gateways are stateless; this module is the only place that reads or writes
+fleet state. Anything two gateways could race on (reserving room on a worker,
+redeeming an enrollment token) is one Lua script, so it is atomic. Scripts read
+the clock with Redis `TIME`, so gateways on different hosts agree on "now".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway import keys
+from gateway.fleet import GONE, READY, Worker
+
+_INT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("int", "int | None")}
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("float", "float | None")}
+
+RESERVE = """
+-- KEYS: worker hash, reservations hash
+-- ARGV: request_id, tokens, lease_s, max_requests, max_tokens (0 = unknown), heartbeat_ttl
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local w = redis.call('HMGET', KEYS[1], 'state', 'last_heartbeat')
+if w[1] ~= 'ready' then return {0, 'not_ready'} end
+if now - tonumber(w[2] or '0') > tonumber(ARGV[6]) then return {0, 'stale'} end
+local entries = redis.call('HGETALL', KEYS[2])
+local count, total = 0, 0
+for i = 1, #entries, 2 do
+  local tokens, expiry = string.match(entries[i + 1], '(%d+) ([%d.]+)')
+  if tonumber(expiry) < now then
+    redis.call('HDEL', KEYS[2], entries[i])
+  else
+    count = count + 1
+    total = total + tonumber(tokens)
+  end
+end
+local want = tonumber(ARGV[2])
+if count + 1 > tonumber(ARGV[4]) then return {0, 'max_num_seqs'} end
+-- A request larger than the whole cache still gets an empty worker, else it would starve.
+local cap = tonumber(ARGV[5])
+if cap > 0 and count > 0 and total + want > cap then return {0, 'kv_capacity'} end
+redis.call('HSET', KEYS[2], ARGV[1], want .. ' ' .. (now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], 'reserved_requests', count + 1, 'reserved_tokens', total + want)
+return {1, 'ok'}
+"""
+
+RELEASE = """
+-- KEYS: worker hash, reservations hash; ARGV: request_id
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HDEL', KEYS[2], ARGV[1])
+local entries = redis.call('HGETALL', KEYS[2])
+local count, total = 0, 0
+for i = 1, #entries, 2 do
+  local tokens, expiry = string.match(entries[i + 1], '(%d+) ([%d.]+)')
+  if tonumber(expiry) < now then
+    redis.call('HDEL', KEYS[2], entries[i])
+  else
+    count = count + 1
+    total = total + tonumber(tokens)
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'reserved_requests', count, 'reserved_tokens', total)
+end
+return count
+"""
+
+RENEW = """
+-- KEYS: reservations hash; ARGV: lease_s, request ids...
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for i = 2, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    local tokens = string.match(v, '(%d+) ')
+    redis.call('HSET', KEYS[1], ARGV[i], tokens .. ' ' .. (now + tonumber(ARGV[1])))
+  end
+end
+return 1
+"""
+
+HEARTBEAT = """
+-- KEYS: worker hash; ARGV: field, value, field, value, ...
+-- Returns {state, command} or false when the worker is not registered.
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+for i = 1, #ARGV, 2 do
+  -- A cordoned worker (drained by an operator) cannot talk itself back to ready.
+  if not (ARGV[i] == 'state' and redis.call('HGET', KEYS[1], 'cordoned') == '1') then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('HSET', KEYS[1], 'last_heartbeat', tostring(now))
+local r = redis.call('HMGET', KEYS[1], 'state', 'command')
+return {r[1] or '', r[2] or ''}
+"""
+
+REDEEM_ENROLL_TOKEN = """
+-- KEYS: enroll token hash; ARGV: center
+-- Returns 'ok' or the reason the token is refused.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'unknown' end
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local tok = redis.call('HMGET', KEYS[1], 'center', 'expires_at', 'uses_left', 'revoked')
+if tok[4] == '1' then return 'revoked' end
+if tonumber(tok[2]) < now then return 'expired' end
+if tok[1] ~= '' and tok[1] ~= ARGV[1] then return 'wrong_center' end
+if tonumber(tok[3]) <= 0 then return 'used_up' end
+redis.call('HINCRBY', KEYS[1], 'uses_left', -1)
+return 'ok'
+"""
+
+
+def hash_secret(secret: str) -> str:
+    """Keys, tokens and credentials are stored hashed, never in the clear."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _encode(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return ""
+    return str(value)
+
+
+def _decode_worker(raw: dict[str, str]) -> Worker:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Worker):
+        if f.name not in raw or f.name == "extra":
+            continue
+        text = raw[f.name]
+        if f.name in _INT_FIELDS:
+            values[f.name] = int(float(text)) if text else (None if "None" in str(f.type) else 0)
+        elif f.name in _FLOAT_FIELDS:
+            values[f.name] = float(text) if text else (None if "None" in str(f.type) else 0.0)
+        else:
+            values[f.name] = text if text or "None" not in str(f.type) else None
+    known = {f.name for f in dataclasses.fields(Worker)}
+    extra = {k: v for k, v in raw.items() if k not in known}
+    return Worker(**values, extra=extra)
+
+
+class Registry:
+    def __init__(self, redis: Redis, *, heartbeat_ttl: float = 3.0, lease_s: float = 60.0):
+        self.redis = redis
+        self.heartbeat_ttl = heartbeat_ttl
+        self.lease_s = lease_s
+        self._reserve = redis.register_script(RESERVE)
+        self._release = redis.register_script(RELEASE)
+        self._renew = redis.register_script(RENEW)
+        self._heartbeat = redis.register_script(HEARTBEAT)
+        self._redeem = redis.register_script(REDEEM_ENROLL_TOKEN)
+
+    async def now(self) -> float:
+        sec, usec = await self.redis.time()
+        return sec + usec / 1e6
+
+    # -- workers ---------------------------------------------------------
+
+    async def register(self, worker: Worker) -> None:
+        fields = {f.name: _encode(getattr(worker, f.name)) for f in dataclasses.fields(Worker) if f.name != "extra"}
+        fields.update({k: _encode(v) for k, v in worker.extra.items()})
+        fields["last_heartbeat"] = str(await self.now())
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.worker(worker.id))
+            pipe.hset(keys.worker(worker.id), mapping=fields)
+            pipe.sadd(keys.WORKERS, worker.id)
+            await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, fields: dict[str, Any]) -> tuple[str, str] | None:
+        """Store a worker's report; returns (state, pending command), None if unknown."""
+        args: list[str] = []
+        for name, value in fields.items():
+            args += [name, _encode(value)]
+        result = await self._heartbeat(keys=[keys.worker(worker_id)], args=args)
+        if not result:
+            return None
+        state, command = (x.decode() if isinstance(x, bytes) else x for x in result)
+        return state, command
+
+    async def update(self, worker_id: str, **fields: Any) -> bool:
+        if not await self.redis.exists(keys.worker(worker_id)):
+            return False
+        await self.redis.hset(keys.worker(worker_id), mapping={k: _encode(v) for k, v in fields.items()})
+        return True
+
+    async def remove(self, worker_id: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(keys.WORKERS, worker_id)
+            pipe.delete(keys.worker(worker_id), keys.reservations(worker_id))
+            await pipe.execute()
+
+    async def workers(self) -> list[Worker]:
+        """Every registered worker; one that stopped heartbeating reads as GONE."""
+        ids = sorted(x.decode() for x in await self.redis.smembers(keys.WORKERS))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            for worker_id in ids:
+                pipe.hgetall(keys.worker(worker_id))
+            replies = await pipe.execute()
+        sec, usec = replies[0]
+        now = sec + usec / 1e6
+        out = []
+        for raw in replies[1:]:
+            if not raw:
+                continue
+            w = _decode_worker({k.decode(): v.decode() for k, v in raw.items()})
+            if now - w.last_heartbeat > self.heartbeat_ttl:
+                w.state = GONE
+            out.append(w)
+        return out
+
+    async def get(self, worker_id: str) -> Worker | None:
+        raw = await self.redis.hgetall(keys.worker(worker_id))
+        if not raw:
+            return None
+        return _decode_worker({k.decode(): v.decode() for k, v in raw.items()})
+
+    # -- reservations ----------------------------------------------------
+
+    async def reserve(self, worker: Worker, request_id: str, tokens: int) -> bool:
+        """Atomically take room for one request on `worker`, summed over all gateways."""
+        ok, _reason = await self._reserve(
+            keys=[keys.worker(worker.id), keys.reservations(worker.id)],
+            args=[request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl],
+        )
+        return bool(ok)
+
+    async def release(self, worker_id: str, request_id: str) -> None:
+        await self._release(keys=[keys.worker(worker_id), keys.reservations(worker_id)], args=[request_id])
+
+    async def renew(self, worker_id: str, request_ids: list[str]) -> None:
+        """Extend leases of live requests; a gateway that dies stops renewing, so its
+        reservations expire instead of leaking."""
+        if request_ids:
+            await self._renew(keys=[keys.reservations(worker_id)], args=[self.lease_s, *request_ids])
+
+    # -- enrollment and worker credentials -------------------------------
+
+    async def create_enroll_token(self, center: str = "", ttl_s: float = 3600, uses: int = 1) -> str:
+        token = "enr-" + secrets.token_urlsafe(24)
+        expires_at = int(await self.now() + ttl_s)
+        await self.redis.hset(
+            keys.enroll_token(hash_secret(token)),
+            mapping={"center": center, "expires_at": expires_at, "uses_left": uses, "revoked": "0"},
+        )
+        await self.redis.expireat(keys.enroll_token(hash_secret(token)), expires_at + 86400)
+        return token
+
+    async def redeem_enroll_token(self, token: str, center: str) -> str:
+        """'ok', or why the token is refused: unknown, expired, wrong_center, used_up, revoked."""
+        result = await self._redeem(keys=[keys.enroll_token(hash_secret(token))], args=[center])
+        return result.decode() if isinstance(result, bytes) else result
+
+    async def issue_credential(self, worker_id: str) -> str:
+        credential = "wkr-" + secrets.token_urlsafe(32)
+        await self.redis.set(keys.credential(hash_secret(credential)), worker_id)
+        await self.redis.hset(keys.worker(worker_id), "credential_hash", hash_secret(credential))
+        return credential
+
+    async def worker_for_credential(self, credential: str) -> str | None:
+        worker_id = await self.redis.get(keys.credential(hash_secret(credential)))
+        return worker_id.decode() if worker_id else None
+
+    async def revoke_credential(self, worker_id: str) -> None:
+        cred_hash = await self.redis.hget(keys.worker(worker_id), "credential_hash")
+        if cred_hash:
+            await self.redis.delete(keys.credential(cred_hash.decode()))
+
+    # -- API keys (tenants) ----------------------------------------------
+
+    async def add_api_key(self, key: str, name: str = "", policy: str = "", allowed_centers: str = "") -> None:
+        h = hash_secret(key)
+        await self.redis.hset(keys.api_key(h), mapping={"name": name, "policy": policy, "allowed_centers": allowed_centers})
+        await self.redis.sadd(keys.API_KEYS, h)
+
+    async def lookup_api_key(self, key: str) -> dict[str, str] | None:
+        raw = await self.redis.hgetall(keys.api_key(hash_secret(key)))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def create_api_key(self, name: str = "", policy: str = "", allowed_centers: str = "") -> str:
+        key = "sk-ig-" + secrets.token_urlsafe(24)
+        await self.add_api_key(key, name=name, policy=policy, allowed_centers=allowed_centers)
+        return key
+
+
+def is_routable(worker: Worker, model: str) -> bool:
+    return worker.state == READY and worker.model == model

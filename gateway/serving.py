@@ -1,0 +1,224 @@
+"""The OpenAI surface: a request's whole way through the gateway, in one place.
+
+    auth → read + validate → place on a worker (policy, atomic reservation) →
+    relay the engine's stream (tracking token ids) → on engine failure resume
+    elsewhere from prompt + tokens already sent → release → account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+import anyio
+from redis.exceptions import RedisError
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.dispatch import Attempt, CannotResume, Dispatcher, Job, new_request_id
+from gateway.errors import APIError
+from gateway.fleet import RouteRequest
+from gateway.relay import ClientStream, Collector, EngineFailed, Piece
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_body
+
+MAX_MIGRATIONS = 3
+_MODELS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+
+
+async def chat_completions(request: Request) -> Response:
+    return await serve(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    return await serve(request, "completions")
+
+
+async def serve(request: Request, kind: str) -> Response:
+    gw = request.app.state.gateway
+    request_id = request.headers.get("x-request-id") or new_request_id()
+    headers = {"X-Request-Id": request_id}
+    try:
+        tenant = await gw.authenticate(request)
+        body = await read_json(request, gw.config.max_body_bytes)
+        params = parse_body(_MODELS[kind], body)
+        job = Job(
+            kind=kind,
+            params=params,
+            body=body,
+            request_id=request_id,
+            route=route_request(params, gw, tenant),
+            client=ClientStream(
+                kind, params.model, request_id,
+                include_usage=bool(params.stream_options and params.stream_options.include_usage),
+                return_token_ids=bool(params.return_token_ids),
+            ),
+            policy_name=tenant.get("policy", ""),
+        )
+        attempt = await gw.dispatcher.start(job)
+    except RedisError:
+        exc = APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"})
+        gw.metrics.requests.labels(kind, "503").inc()
+        exc.headers.update(headers)
+        return exc.response()
+    except APIError as exc:
+        gw.metrics.requests.labels(kind, str(exc.status)).inc()
+        exc.headers.update(headers)
+        return exc.response()
+    gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
+    if params.stream:
+        return StreamingResponse(stream_answer(gw, job, attempt), media_type="text/event-stream", headers=headers)
+    return await collect_answer(gw, job, attempt, request, headers)
+
+
+def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, tenant: dict[str, str]) -> RouteRequest:
+    prompt = params.prompt_text()
+    # ~4 characters per token is close enough for reservations; the engine counts exactly.
+    prompt_tokens = len(params.prompt) if isinstance(getattr(params, "prompt", None), list) and all(isinstance(t, int) for t in params.prompt) else len(prompt) // 4 + 1
+    allowed = tuple(c for c in tenant.get("allowed_centers", "").split(",") if c)
+    return RouteRequest(
+        model=params.model,
+        prompt_tokens=prompt_tokens,
+        max_output_tokens=params.output_limit or gw.config.default_output_tokens,
+        prefix_key=prompt[:2048],
+        center=gw.config.center,
+        allowed_centers=allowed,
+        api_key_id=tenant.get("name", ""),
+    )
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "client disconnected while sending the body") from None
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Piece]:
+    """Every piece of the answer, resuming on another engine if one fails.
+
+    Always releases the reservation it holds, also when the client goes away
+    (the generator is closed, and closing the engine stream aborts the work).
+    """
+    progress = job.progress
+    try:
+        while True:
+            try:
+                async for piece in attempt.pieces(progress):
+                    if piece.finish_reason == "abort":
+                        # The engine was paused or stopped under us: not an answer's end.
+                        piece.finish_reason = None
+                        progress.record(piece, time.monotonic())
+                        if piece.reasoning or piece.content or piece.delta_extra:
+                            yield piece
+                        raise EngineFailed("engine aborted the request")
+                    progress.record(piece, time.monotonic())
+                    yield piece
+                if progress.finish_reason is None:
+                    raise EngineFailed("engine stream ended without finishing")
+                return
+            except EngineFailed as failure:
+                await attempt.close()
+                await gw.dispatcher.release(job, attempt.worker)
+                job.excluded.add(attempt.worker.id)
+                blocker = job.resume_blocker() if progress.completion_tokens or progress.tokens_untracked else None
+                if blocker or job.migrations >= MAX_MIGRATIONS:
+                    raise CannotResume(f"worker failed mid-answer ({failure.reason}); cannot resume: {blocker or 'too many attempts'}")
+                job.migrations += 1
+                gw.metrics.migrations.labels(failure.reason.split(" (")[0]).inc()
+                gw.log.warning("request %s: %s on %s; resuming after %d tokens", job.request_id, failure.reason, attempt.worker.id, progress.completion_tokens)
+                try:
+                    attempt = await gw.dispatcher.start(job, resume=progress.completion_tokens > 0)
+                except APIError as exc:
+                    raise CannotResume(f"worker failed mid-answer and no other could continue: {exc.message}") from None
+    finally:
+        # Shielded: when the client disconnects we are being cancelled, and these
+        # awaits are what abort the engine's work and free the slot.
+        with anyio.CancelScope(shield=True):
+            await attempt.close()
+            await gw.dispatcher.release(job, attempt.worker)
+        account(gw, job)
+
+
+async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[bytes]:
+    client = job.client
+    status = "200"
+    first = True
+    try:
+        async for piece in answer_pieces(gw, job, attempt):
+            yield client.sse(client.chunk(piece, job.progress.prompt_token_ids if first else None))
+            first = False
+        if client.include_usage:
+            yield client.sse(client.usage_chunk(job.progress))
+    except CannotResume as exc:
+        status = "502"
+        yield client.error_event(str(exc), "engine_failed")
+    finally:
+        gw.metrics.requests.labels(job.kind, status).inc()
+    yield client.DONE
+
+
+async def collect_answer(gw: Any, job: Job, attempt: Attempt, request: Request, headers: dict[str, str]) -> Response:
+    """A non-streaming answer, built from the stream; stops the engine work if the
+    client leaves while it waits."""
+    collector = Collector(job.client)
+
+    async def collect() -> None:
+        async for piece in answer_pieces(gw, job, attempt):
+            collector.add(piece)
+
+    work = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()  # the client left: free the GPU slot now
+        try:
+            await work
+        except (asyncio.CancelledError, Exception):
+            pass
+        gw.metrics.requests.labels(job.kind, "499").inc()
+        return Response(status_code=499)
+    try:
+        work.result()
+    except CannotResume as exc:
+        gw.metrics.requests.labels(job.kind, "502").inc()
+        return APIError(502, str(exc), code="engine_failed", headers=headers).response()
+    gw.metrics.requests.labels(job.kind, "200").inc()
+    return JSONResponse(collector.response(job.progress), headers=headers)
+
+
+async def _client_gone(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def account(gw: Any, job: Job) -> None:
+    """Latency and token metrics for one finished (or abandoned) answer."""
+    p = job.progress
+    m = gw.metrics
+    if p.first_token_at is not None:
+        m.ttft.labels(job.model).observe(p.first_token_at - job.started_at)
+        if p.completion_tokens > 1 and p.last_token_at is not None:
+            tpot = (p.last_token_at - p.first_token_at) / (p.completion_tokens - 1)
+            m.tpot.labels(job.model).observe(tpot)
+    m.tokens.labels(job.model, "prompt").inc(p.prompt_tokens or 0)
+    m.tokens.labels(job.model, "completion").inc(p.completion_tokens)

@@ -1,0 +1,332 @@
+"""Routing policies and headroom on hand-built fleet snapshots.
+
+Policies are plain functions of (request, candidate snapshots), so these tests
+build `Worker` objects directly; the seeded RNGs make every run identical,
+and the bounds on counts are several standard deviations wide.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from gateway.fleet import DRAINING, READY, SLEEPING, STARTING, RouteRequest, Worker
+from gateway.headroom import candidates, has_headroom, predicted_tpot_ms
+from gateway.policies import DEFAULT_POLICY, POLICIES, make_policy
+from gateway.policies.least_load import LeastLoad
+from gateway.policies.power_of_two import PowerOfTwo
+from gateway.policies.prefix_affinity import PrefixAffinity
+from gateway.policies.random_choice import RandomChoice
+from gateway.policies.round_robin import RoundRobin
+from gateway.policies.slo_pack import SloPack
+
+NOW = 1_000_000.0
+MODEL = "deepseek-r1-distill-qwen-7b"
+
+
+def make_worker(id: str, **fields) -> Worker:
+    defaults = dict(
+        center="a",
+        model=MODEL,
+        engine_url=f"http://{id}.invalid",
+        state=READY,
+        max_num_seqs=64,
+        kv_capacity_tokens=200_000,
+        last_heartbeat=NOW,
+    )
+    return Worker(id=id, **{**defaults, **fields})
+
+
+def make_request(**fields) -> RouteRequest:
+    defaults = dict(model=MODEL, prompt_tokens=1_000, max_output_tokens=4_000)
+    return RouteRequest(**{**defaults, **fields})
+
+
+def reserve(worker: Worker, request: RouteRequest) -> None:
+    """What the gateway's atomic reservation does to the snapshot."""
+    worker.reserved_requests += 1
+    worker.reserved_tokens += request.reserved_tokens
+
+
+def route_many(policy, fleet: list[Worker], request: RouteRequest, n: int) -> Counter:
+    """Route `n` requests one after another, reserving each, like the gateway."""
+    picks: Counter = Counter()
+    for _ in range(n):
+        chosen = policy.choose(request, candidates(fleet, request, NOW))
+        assert chosen is not None
+        reserve(chosen, request)
+        picks[chosen.id] += 1
+    return picks
+
+
+# --- headroom and candidates ---------------------------------------------
+
+
+def test_max_num_seqs_limits_headroom():
+    request = make_request()
+    assert has_headroom(make_worker("w", max_num_seqs=4, reserved_requests=3), request)
+    assert not has_headroom(make_worker("w", max_num_seqs=4, reserved_requests=4), request)
+
+
+def test_kv_capacity_limits_headroom_when_known():
+    request = make_request()  # 5,000 tokens
+    assert has_headroom(make_worker("w", kv_capacity_tokens=10_000, reserved_tokens=5_000), request)
+    assert not has_headroom(make_worker("w", kv_capacity_tokens=10_000, reserved_tokens=5_001), request)
+    # Unknown capacity: only max_num_seqs and the engine's KV usage bound it.
+    assert has_headroom(make_worker("w", kv_capacity_tokens=0, reserved_tokens=10**9), request)
+
+
+def test_engine_kv_usage_above_threshold_means_no_headroom():
+    request = make_request()
+    assert has_headroom(make_worker("w", kv_usage=0.5), request)
+    assert not has_headroom(make_worker("w", kv_usage=0.95), request)
+    assert not has_headroom(make_worker("w", kv_usage=0.5), request, kv_threshold=0.4)
+
+
+def test_candidates_keep_only_ready_fresh_matching_workers():
+    fleet = [
+        make_worker("ok"),
+        make_worker("draining", state=DRAINING),
+        make_worker("sleeping", state=SLEEPING),
+        make_worker("starting", state=STARTING),
+        make_worker("other-model", model="deepseek-r1-distill-qwen-32b"),
+        make_worker("stale", last_heartbeat=NOW - 16),
+        make_worker("just-fresh", last_heartbeat=NOW - 15),
+        make_worker("full", max_num_seqs=2, reserved_requests=2),
+    ]
+    chosen = candidates(fleet, make_request(), NOW, heartbeat_ttl=15)
+    assert sorted(w.id for w in chosen) == ["just-fresh", "ok"]
+
+
+def test_residency_is_never_violated_even_when_allowed_centers_are_full():
+    fleet = [
+        make_worker("eu-1", center="eu", max_num_seqs=1, reserved_requests=1),
+        make_worker("us-1", center="us"),
+        make_worker("cn-1", center="cn"),
+    ]
+    assert candidates(fleet, make_request(allowed_centers=("eu",)), NOW) == []
+    fleet[0].reserved_requests = 0
+    for name in POLICIES:
+        policy = make_policy(name, rng=random.Random(0))
+        request = make_request(allowed_centers=("eu",), center="us")
+        for _ in range(20):
+            chosen = policy.choose(request, candidates(fleet, request, NOW))
+            assert chosen is not None and chosen.center == "eu", name
+    both = make_request(allowed_centers=("eu", "cn"))
+    assert sorted(w.id for w in candidates(fleet, both, NOW)) == ["cn-1", "eu-1"]
+
+
+def test_predicted_tpot_grows_with_kv_tokens_and_falls_back_to_measurement():
+    worker = make_worker("w", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, reserved_tokens=40_000)
+    assert predicted_tpot_ms(worker, None) == pytest.approx(40.0)
+    assert predicted_tpot_ms(worker, make_request()) == pytest.approx(42.5)
+    # The engine reporting more KV than we reserved (load from elsewhere) counts.
+    worker.kv_usage = 0.4  # 80,000 of 200,000 tokens
+    assert predicted_tpot_ms(worker, None) == pytest.approx(60.0)
+    assert predicted_tpot_ms(make_worker("m", tpot_ms=33.0), make_request()) == 33.0
+    assert predicted_tpot_ms(make_worker("unknown"), make_request()) is None
+
+
+# --- registry --------------------------------------------------------------
+
+
+def test_registry_names_every_policy_and_rejects_unknown_ones():
+    assert set(POLICIES) == {"round_robin", "random", "least_load", "power_of_two", "prefix_affinity", "slo_pack"}
+    assert DEFAULT_POLICY == "slo_pack"
+    for name in POLICIES:
+        assert make_policy(name).name == name
+    with pytest.raises(ValueError, match="unknown policy 'fastest'.*round_robin.*slo_pack"):
+        make_policy("fastest")
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_picks_a_candidate_or_none(name):
+    policy = make_policy(name, rng=random.Random(1))
+    request = make_request(prefix_key="hello")
+    assert policy.choose(request, []) is None
+    fleet = [make_worker(f"w{i}", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5) for i in range(3)]
+    for _ in range(10):
+        assert policy.choose(request, fleet) in fleet
+
+
+# --- round robin, random, least load ---------------------------------------
+
+
+def test_round_robin_cycles_evenly_in_id_order():
+    fleet = [make_worker("c"), make_worker("a"), make_worker("b")]
+    policy = RoundRobin()
+    picks = [policy.choose(make_request(), fleet).id for _ in range(9)]
+    assert picks == ["a", "b", "c"] * 3
+
+
+def test_round_robin_keeps_cycling_when_a_worker_drops_out():
+    a, b, c = make_worker("a"), make_worker("b"), make_worker("c")
+    policy = RoundRobin()
+    assert policy.choose(make_request(), [a, b, c]).id == "a"
+    assert policy.choose(make_request(), [a, c]).id == "c"  # b has no headroom now
+    assert policy.choose(make_request(), [a, b, c]).id == "a"
+
+
+def test_random_spreads_uniformly():
+    fleet = [make_worker(f"w{i}") for i in range(3)]
+    policy = RandomChoice(rng=random.Random(7))
+    picks = Counter(policy.choose(make_request(), fleet).id for _ in range(3000))
+    assert all(850 <= picks[w.id] <= 1150 for w in fleet), picks
+
+
+def test_least_load_picks_the_emptiest_and_spreads_ties():
+    fleet = [
+        make_worker("busy", running=10),
+        make_worker("idle-1", running=1),
+        make_worker("idle-2", reserved_requests=1),
+        make_worker("queued", running=1, waiting=3),
+    ]
+    policy = LeastLoad(rng=random.Random(3))
+    picks = Counter(policy.choose(make_request(), fleet).id for _ in range(1000))
+    assert set(picks) == {"idle-1", "idle-2"}
+    assert 400 <= picks["idle-1"] <= 600, picks
+
+
+# --- power of two choices ------------------------------------------------
+
+
+def test_power_of_two_never_picks_the_most_loaded_of_three():
+    fleet = [
+        make_worker("light", reserved_tokens=0),
+        make_worker("medium", reserved_tokens=20_000),
+        make_worker("heavy", reserved_tokens=100_000),
+    ]
+    policy = PowerOfTwo(rng=random.Random(11))
+    picks = Counter(policy.choose(make_request(), fleet).id for _ in range(1500))
+    assert picks["heavy"] == 0
+    # "light" wins both pairs it is drawn in: 2/3 of the time (sd ~18).
+    assert 920 <= picks["light"] <= 1080, picks
+
+
+def test_power_of_two_judges_load_against_each_gpus_capacity():
+    big = make_worker("big", kv_capacity_tokens=400_000, reserved_tokens=40_000)  # 10% full
+    small = make_worker("small", kv_capacity_tokens=50_000, reserved_tokens=20_000)  # 40% full
+    policy = PowerOfTwo(rng=random.Random(5))
+    assert {policy.choose(make_request(), [big, small]).id for _ in range(50)} == {"big"}
+
+
+# --- prefix affinity -------------------------------------------------------
+
+
+def test_prefix_affinity_sends_the_same_prefix_to_the_same_worker_from_any_gateway():
+    fleet = [make_worker(f"w{i}") for i in range(5)]
+    request = make_request(prefix_key="You are a careful math tutor. " * 40)
+    first = PrefixAffinity(rng=random.Random(1)).choose(request, fleet)
+    for seed in range(10):  # a fresh policy per call stands for another gateway process
+        shuffled = fleet[:]
+        random.Random(seed).shuffle(shuffled)
+        assert PrefixAffinity(rng=random.Random(seed)).choose(request, shuffled) is first
+
+
+def test_prefix_affinity_routes_on_the_leading_blocks_only():
+    fleet = [make_worker(f"w{i}") for i in range(8)]
+    system = "".join(f"rule {i}: think step by step. " for i in range(60))  # > 4 blocks
+    policy = PrefixAffinity()
+    # A conversation growing turn by turn keeps its worker (and its cache).
+    conversation = system
+    homes = set()
+    for turn in range(10):
+        conversation += f"user: what is {turn}+{turn}? assistant: {2 * turn}. "
+        homes.add(policy.choose(make_request(prefix_key=conversation), fleet).id)
+    assert len(homes) == 1
+
+
+def test_prefix_affinity_spreads_different_prefixes():
+    fleet = [make_worker(f"w{i}") for i in range(4)]
+    policy = PrefixAffinity()
+    picks = Counter(policy.choose(make_request(prefix_key=f"tenant {i} system prompt"), fleet).id for i in range(400))
+    assert all(70 <= picks[w.id] <= 130 for w in fleet), picks  # 100 each expected, sd ~9
+
+
+def test_prefix_affinity_gives_bigger_gpus_more_prefixes():
+    big = make_worker("big", kv_capacity_tokens=300_000)
+    small = make_worker("small", kv_capacity_tokens=100_000)
+    policy = PrefixAffinity()
+    picks = Counter(policy.choose(make_request(prefix_key=f"prompt {i}"), [big, small]).id for i in range(1000))
+    assert 700 <= picks["big"] <= 800, picks  # 3/4 expected, sd ~14
+
+
+def test_balance_guard_moves_a_hot_prefix_off_an_overloaded_worker():
+    fleet = [make_worker(f"w{i}", running=2) for i in range(3)]
+    request = make_request(prefix_key="the one prompt everybody sends")
+    policy = PrefixAffinity(rng=random.Random(2), balance_abs_threshold=8, balance_rel_threshold=1.5)
+    home = policy.choose(request, fleet)
+    home.running = 9  # a little busier: affinity wins
+    assert policy.choose(request, fleet) is home
+    home.running = 40  # piled up: the guard sends the prefix elsewhere
+    moved = {policy.choose(request, fleet).id for _ in range(50)}
+    assert home.id not in moved and len(moved) == 2
+
+
+def test_prefix_affinity_without_a_prefix_uses_least_load():
+    fleet = [make_worker("busy", running=5), make_worker("idle")]
+    assert PrefixAffinity().choose(make_request(prefix_key=""), fleet).id == "idle"
+
+
+# --- SLO packing -------------------------------------------------------------
+
+# An H100-like and an H20-like worker: 7B decode, TPOT = base + slope * KV/1000.
+FAST = dict(gpu="h100", tpot_base_ms=10.0, tpot_ms_per_1k_kv=0.3, kv_capacity_tokens=300_000)
+SLOW = dict(gpu="h20", tpot_base_ms=25.0, tpot_ms_per_1k_kv=0.6, kv_capacity_tokens=150_000)
+SAME = dict(tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5)  # meets 60 ms up to 80k KV tokens
+
+
+def test_slo_pack_fills_one_gpu_to_its_slo_before_touching_the_next():
+    fleet = [make_worker(name, **SAME) for name in ("a", "b", "c")]
+    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 20)
+    # 16 requests of 5k tokens take "a" to 80k KV (exactly 60 ms); the rest go to "b".
+    assert picks == Counter({"a": 16, "b": 4})
+    assert fleet[2].reserved_requests == 0  # a whole GPU left idle for training
+    assert all(predicted_tpot_ms(w) <= 60 for w in fleet)
+
+
+def test_slo_pack_prefers_the_busiest_worker_that_still_meets_the_slo():
+    fleet = [
+        make_worker("idle", **SAME),
+        make_worker("half", reserved_tokens=40_000, reserved_requests=8, **SAME),
+        make_worker("nearly-full", reserved_tokens=78_000, reserved_requests=15, **SAME),  # +5k breaks 60 ms
+    ]
+    assert SloPack().choose(make_request(), fleet).id == "half"
+
+
+def test_slo_pack_spills_to_the_lowest_predicted_tpot_when_no_worker_meets_the_slo():
+    fleet = [
+        make_worker("slow-busy", reserved_tokens=100_000, **SLOW),  # 25 + 63 = 88 ms
+        make_worker("fast-busy", reserved_tokens=200_000, **FAST),  # 10 + 61.5 = 71.5 ms
+        make_worker("measured", tpot_ms=80.0),
+    ]
+    assert SloPack(tpot_slo_ms=60).choose(make_request(), fleet).id == "fast-busy"
+
+
+def test_slo_pack_packs_fast_gpus_deeper_than_slow_ones():
+    fleet = [make_worker("h20", **SLOW), make_worker("h100", **FAST)]
+    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 40)
+    # The H100 is empty-first (faster) and meets 60 ms up to 166k KV tokens
+    # (33 requests); the H20 only up to 58k (11 requests).
+    assert picks == Counter({"h100": 33, "h20": 7})
+
+
+def test_slo_pack_prefers_the_requests_own_center_when_it_meets_the_slo():
+    far = make_worker("far", center="eu", reserved_tokens=50_000, reserved_requests=10, **SAME)
+    near = make_worker("near", center="us", **SAME)
+    policy = SloPack()
+    assert policy.choose(make_request(center="us"), [far, near]) is near
+    near.reserved_tokens = 79_000  # local GPU can no longer meet the SLO
+    assert policy.choose(make_request(center="us"), [far, near]) is far
+    assert policy.choose(make_request(), [far, near]) is far  # no center: pure packing
+
+
+def test_slo_pack_uses_unprofiled_workers_only_when_known_ones_miss_the_slo():
+    known = make_worker("known", **SAME)
+    blind = make_worker("blind")  # no profile, no measured stream yet
+    policy = SloPack()
+    assert policy.choose(make_request(), [blind, known]) is known
+    known.reserved_tokens = 90_000
+    assert policy.choose(make_request(), [blind, known]) is blind

@@ -1,0 +1,1 @@
+"""idlegrid workers: the agent that runs beside each GPU, and the simulated engine."""
