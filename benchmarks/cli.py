@@ -26,7 +26,15 @@ from tqdm import tqdm
 
 from benchmarks import report
 from benchmarks.client import chat_url
-from benchmarks.energy import EnergySampler, WorkerEnergyReader, energy_over_window, reader_for, redact, unavailable
+from benchmarks.energy import (
+    EnergySampler,
+    WorkerEnergyReader,
+    energy_over_window,
+    energy_source_kind,
+    reader_for,
+    redact,
+    unavailable,
+)
 from benchmarks.metrics import SLO_KEYS, steady_window, summarize
 from benchmarks.runner import LevelResult, LoadLevel, Target, run_level
 from benchmarks.workloads import WORKLOADS, BenchRequest, WorkloadError, build_requests
@@ -36,6 +44,10 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(ValueError):
     """A bad flag value: reported as one line, exit status 2."""
+
+
+class EndpointError(RuntimeError):
+    """The endpoint cannot be benchmarked (unreachable, key refused, model not served): one line, exit status 1."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +146,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError(f"--percentiles {args.percentiles!r}: expected numbers like 50,90,99") from None
     if not all(0 <= p <= 100 for p in percentiles):
         raise UsageError("--percentiles must lie between 0 and 100")
+    if args.energy_from:
+        try:
+            energy_source_kind(args.energy_from, args.admin_token)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if not args.base_url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url {args.base_url!r}: expected http(s)://host:port[/v1]")
     try:
@@ -173,14 +190,14 @@ def _workload_description(config: BenchConfig) -> str:
 
 
 async def _preflight(client: httpx.AsyncClient, config: BenchConfig, headers: dict) -> list[dict]:
-    """Check the endpoint answers and serves the model; raise UsageError with the reason if not."""
+    """Check the endpoint answers and serves the model; raise EndpointError with the reason if not."""
     url = chat_url(config.base_url).rsplit("/chat/completions", 1)[0] + "/models"
     try:
         response = await client.get(url, headers=headers, timeout=10.0)
     except httpx.HTTPError as exc:
-        raise UsageError(f"cannot reach {config.base_url}: {exc.__class__.__name__}: {exc}") from None
+        raise EndpointError(f"cannot reach {config.base_url}: {exc.__class__.__name__}: {exc}") from None
     if response.status_code in (401, 403):
-        raise UsageError(f"{url} refused the API key (HTTP {response.status_code})")
+        raise EndpointError(f"{url} refused the API key (HTTP {response.status_code})")
     if response.status_code != 200:
         return []  # some endpoints have no model list; the requests themselves will tell
     try:
@@ -189,7 +206,7 @@ async def _preflight(client: httpx.AsyncClient, config: BenchConfig, headers: di
         return []
     served = [m.get("id") for m in models]
     if models and config.model not in served:
-        raise UsageError(f"model {config.model!r} is not served at {config.base_url} (served: {', '.join(map(str, served))})")
+        raise EndpointError(f"model {config.model!r} is not served at {config.base_url} (served: {', '.join(map(str, served))})")
     return [m for m in models if m.get("id") == config.model]
 
 
@@ -337,14 +354,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         config.out.mkdir(parents=True, exist_ok=True)
-        if config.energy_from:
-            reader_for(config.energy_from, config.admin_token)  # validate before any traffic
         _, status = asyncio.run(bench(config))
         return status
-    except (UsageError, ValueError) as exc:
+    except UsageError as exc:
         print(f"idlegrid bench: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (EndpointError, OSError) as exc:
         print(f"idlegrid bench: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -176,7 +176,8 @@ def parse_prometheus_energy(text: str, default_id: str) -> list[WorkerReading]:
     readings = []
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            known = PROMETHEUS_COUNTERS.get(sample.name)
+            # prometheus_client's parser adds `_total` to counters that lack it (DCGM's do).
+            known = PROMETHEUS_COUNTERS.get(sample.name) or PROMETHEUS_COUNTERS.get(sample.name.removesuffix("_total"))
             if known is None:
                 continue
             source, to_joules = known
@@ -198,18 +199,27 @@ def parse_prometheus_energy(text: str, default_id: str) -> list[WorkerReading]:
     return readings
 
 
-def reader_for(url: str, admin_token: str | None) -> WorkerEnergyReader:
-    """The reader an `--energy-from` value asks for; ValueError with a clear line if unusable."""
+def energy_source_kind(url: str, admin_token: str | None) -> str:
+    """"gateway", "redis" or "prometheus" for an `--energy-from` value; ValueError (one clear line) if unusable."""
     parsed = urlparse(url)
     if parsed.scheme in ("redis", "rediss", "unix"):
-        return RedisWorkers(url)
+        return "redis"
     if parsed.scheme in ("http", "https") and parsed.netloc:
         if parsed.path.rstrip("/").endswith("/metrics"):
-            return PrometheusEnergy(url)
+            return "prometheus"
         if not admin_token:
             raise ValueError("--energy-from a gateway needs its admin token: set IDLEGRID_ADMIN_TOKEN or pass --admin-token")
-        return GatewayWorkers(url, admin_token)
+        return "gateway"
     raise ValueError(f"--energy-from {url!r}: expected http(s)://gateway, http(s)://host/metrics or redis://host:port")
+
+
+def reader_for(url: str, admin_token: str | None) -> WorkerEnergyReader:
+    kind = energy_source_kind(url, admin_token)
+    if kind == "redis":
+        return RedisWorkers(url)
+    if kind == "prometheus":
+        return PrometheusEnergy(url)
+    return GatewayWorkers(url, admin_token or "")
 
 
 @dataclass

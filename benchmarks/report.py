@@ -175,7 +175,7 @@ def make_plots(out_dir: Path, results: dict, records_by_run: Sequence[Sequence[R
         plots.append(plot_throughput_vs_load(out_dir / THROUGHPUT_VS_LOAD, runs))
         if any(r.get("tokens_per_joule") is not None or r.get("avg_power_w") is not None for r in runs):
             plots.append(plot_tokens_per_joule_vs_load(out_dir / TOKENS_PER_JOULE_VS_LOAD, runs))
-    if any(r.get("energy_by_center") for r in runs):
+    if any(c["center"] for r in runs for c in r.get("energy_by_center", [])):
         plots.append(plot_energy_by_center(out_dir / ENERGY_BY_CENTER, runs))
     return plots
 

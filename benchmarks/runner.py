@@ -57,14 +57,11 @@ async def _send(target: Target, request: BenchRequest, record: RequestRecord, t0
     done()
 
 
-async def _finish(tasks: list[asyncio.Task]) -> None:
-    """Wait for every task; if we are cancelled, cancel them and still wait, so records are final."""
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+async def _cancel_all(tasks: list[asyncio.Task]) -> None:
+    """Cancel what is still running and wait, so every record is final before we return."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _open_loop(target, requests, level, seed, t0, records, done) -> None:
@@ -79,8 +76,9 @@ async def _open_loop(target, requests, level, seed, t0, records, done) -> None:
             record = RequestRecord(index=request.index, input_len=request.input_len, max_tokens=request.output_len)
             records.append(record)
             tasks.append(asyncio.create_task(_send(target, request, record, t0, done)))
+        await asyncio.gather(*tasks)
     finally:
-        await _finish(tasks)
+        await _cancel_all(tasks)
 
 
 async def _closed_loop(target, requests, level, t0, records, done) -> None:
@@ -92,7 +90,11 @@ async def _closed_loop(target, requests, level, t0, records, done) -> None:
             records.append(record)
             await _send(target, request, record, t0, done)
 
-    await _finish([asyncio.create_task(one_client()) for _ in range(min(level.concurrency, len(requests)))])
+    clients = [asyncio.create_task(one_client()) for _ in range(min(level.concurrency, len(requests)))]
+    try:
+        await asyncio.gather(*clients)
+    finally:
+        await _cancel_all(clients)
 
 
 async def run_level(

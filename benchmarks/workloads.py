@@ -32,8 +32,8 @@ Where the distributions come from
 `chat` (ShareGPT-like turns): the vLLM paper (Kwon et al., SOSP 2023, Fig. 11)
   gives ShareGPT means of 161 input and 338 output tokens. We use log-normals
   with sigma 1.0 whose means match those (medians 98 and 205), clipped to
-  [4, 1,024] input and [4, 1,024] output, as `vllm bench serve` also drops
-  ShareGPT prompts over 1,024 tokens.
+  [4, 1,024] input and [4, 2,048] output, the limits `vllm bench serve`
+  applies when it samples ShareGPT (prompts over 1,024 tokens are dropped).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class LogNormal:
 R1_INPUT = LogNormal(median=120, sigma=0.6, low=16, high=2_048)
 R1_OUTPUT = LogNormal(median=4_000, sigma=0.9, low=256, high=R1_OUTPUT_CAP)
 CHAT_INPUT = LogNormal(median=98, sigma=1.0, low=4, high=1_024)
-CHAT_OUTPUT = LogNormal(median=205, sigma=1.0, low=4, high=1_024)
+CHAT_OUTPUT = LogNormal(median=205, sigma=1.0, low=4, high=2_048)
 
 WORKLOADS = ("r1", "chat", "fixed", "jsonl")
 

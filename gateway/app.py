@@ -121,6 +121,9 @@ async def metrics(request: Request) -> Response:
             counts[w.state] = counts.get(w.state, 0) + 1
         for state, n in counts.items():
             gw.metrics.workers.labels(state).set(n)
+        gw.metrics.queue_depth.clear()
+        for (model, center), n in (await gw.dispatcher.queue.depths()).items():
+            gw.metrics.queue_depth.labels(model, center).set(n)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -10,16 +10,20 @@ a half-finished answer on another engine from prompt + tokens already sent.
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import anyio
 import httpx
 
+from gateway.admission import AdmissionQueue
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
-from gateway.fleet import GONE, RouteRequest, Worker
+from gateway.fleet import GONE, READY, RouteRequest, Worker
 from gateway.headroom import candidates
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy
@@ -36,6 +40,8 @@ from gateway.relay import (
     sse_events,
 )
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("idlegrid.gateway")
 
 # Fields of the client's request that must not be copied into a resumed one.
 _NOT_RESUMED = {
@@ -113,11 +119,14 @@ class Attempt:
         # A resumed chat answer comes back as raw text: split reasoning ourselves.
         self.splitter = ThinkSplitter(job.progress.reasoning_open or not job.progress.content_started) if resumed and job.kind == "chat" else None
         self.engine_usage: dict | None = None
+        self.last_event_at = time.monotonic()
+        self.lost: str | None = None  # set by the watchdog when it gives up on the worker
 
     async def pieces(self, progress: Progress) -> AsyncIterator[Piece]:
         from_chat = not self.resumed and "/chat/" in str(self.response.request.url)
         try:
             async for event in sse_events(self.response):
+                self.last_event_at = time.monotonic()
                 if progress.prompt_token_ids is None:
                     progress.prompt_token_ids = prompt_ids_of(event)
                 if event.get("usage"):
@@ -130,7 +139,9 @@ class Attempt:
         except httpx.TimeoutException as exc:
             raise EngineFailed(f"engine went silent ({type(exc).__name__})", 504) from exc
         except httpx.HTTPError as exc:
-            raise EngineFailed(f"engine connection failed ({type(exc).__name__})") from exc
+            raise EngineFailed(self.lost or f"engine connection failed ({type(exc).__name__})") from exc
+        if self.lost:
+            raise EngineFailed(self.lost)
 
     async def close(self) -> None:
         # Closing the connection is what makes vLLM abort the request and free its slot.
@@ -145,33 +156,76 @@ class Dispatcher:
         self.metrics = metrics
         self.policies = policies
         self.active: dict[str, str] = {}  # request id -> worker id, for lease renewal
+        self.queue = AdmissionQueue(registry.redis)
+        self._snapshot: tuple[list[Worker], float] | None = None
+        self._snapshot_at = 0.0
+
+    async def snapshot(self, max_age: float = 0.02) -> tuple[list[Worker], float]:
+        """The fleet as Redis sees it, shared by all requests of this gateway for a
+        few ms: reservations are checked atomically in Redis anyway, so a slightly
+        old view costs at most one refused reservation."""
+        if self._snapshot is None or time.monotonic() - self._snapshot_at > max_age:
+            self._snapshot = (await self.registry.workers(), await self.registry.now())
+            self._snapshot_at = time.monotonic()
+        return self._snapshot
 
     async def place(self, job: Job) -> Worker:
-        """Reserve room on a worker for `job`, waiting up to the queue timeout."""
+        """Reserve room on a worker for `job`; wait in the admission queue while
+        there is none, up to the queue timeout (then 429)."""
         policy = self.policies.get(job.policy_name) or self.policies[self.config.policy]
         deadline = time.monotonic() + self.config.queue_timeout_s
-        delay = 0.01
-        while True:
-            workers = await self.registry.workers()
-            now = await self.registry.now()
-            serving = [w for w in workers if w.model == job.model and w.state != GONE]
-            if not serving:
-                if any(w.state != GONE for w in workers) and not any(w.model == job.model for w in workers):
-                    raise APIError(404, f"The model '{job.model}' does not exist", param="model", code="model_not_found")
-                raise APIError(503, f"no worker is serving '{job.model}' right now", code="no_worker")
-            pool = [w for w in candidates(workers, job.route, now, heartbeat_ttl=self.config.heartbeat_ttl_s) if w.id not in job.excluded]
-            choice = policy.choose(job.route, pool) if pool else None
-            if choice is not None:
-                if await self.registry.reserve(choice, job.request_id, job.route.reserved_tokens):
-                    self.active[job.request_id] = choice.id
-                    return choice
-                continue  # another gateway took the room first: look again
-            if not any(w.state == "ready" and w.id not in job.excluded for w in serving):
-                raise APIError(503, f"no worker is ready to serve '{job.model}'", code="no_worker")
-            if time.monotonic() > deadline:
-                raise APIError(429, "all workers are busy; try again shortly", code="overloaded", headers={"Retry-After": "2"})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+        model, rid = job.model, job.request_id
+        queued = False
+        max_age = 0.02
+        try:
+            while True:
+                workers, now = await self.snapshot(max_age)
+                max_age = 0.02
+                serving = [w for w in workers if w.model == model and w.state != GONE]
+                if not serving:
+                    if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
+                        raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+                    raise APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
+                if not any(w.state == READY and w.id not in job.excluded for w in serving):
+                    raise APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
+                pool = [
+                    w for w in candidates(workers, job.route, now, heartbeat_ttl=self.config.heartbeat_ttl_s)
+                    if w.id not in job.excluded and float(w.extra.get("breaker_until") or 0) <= now
+                ]
+                if queued:
+                    rank = await self.queue.rank(model, rid)
+                    if rank < 0:  # dropped as stale (e.g. Redis restarted): get back in line
+                        await self._enqueue(job)
+                        rank = 0
+                    may_try = bool(pool) and rank < len(pool)
+                else:
+                    # Fast path: room now and nobody waiting ahead of us.
+                    may_try = bool(pool) and await self.queue.length(model) == 0
+                if may_try:
+                    choice = policy.choose(job.route, pool)
+                    if choice is not None:
+                        if await self.registry.reserve(choice, rid, job.route.reserved_tokens):
+                            self.active[rid] = choice.id
+                            return choice
+                        max_age = 0.0  # another gateway took that room: look again, freshly
+                        continue
+                if not queued:
+                    await self._enqueue(job)
+                    queued = True
+                if time.monotonic() > deadline:
+                    raise APIError(429, f"all workers serving '{model}' are busy; try again shortly", code="overloaded", headers={"Retry-After": "2"})
+                await asyncio.sleep(0.02 + random.random() * 0.01)
+        finally:
+            if queued:
+                # Shielded: a client that disconnects while waiting leaves the line.
+                with anyio.CancelScope(shield=True):
+                    await self.queue.leave(model, rid)
+
+    async def _enqueue(self, job: Job) -> None:
+        await self.queue.enqueue(
+            job.model, job.request_id, priority=job.params.priority or 0,
+            api_key=job.route.api_key_id, center=self.config.center, timeout_s=self.config.queue_timeout_s,
+        )
 
     async def release(self, job: Job, worker: Worker) -> None:
         self.active.pop(job.request_id, None)
@@ -213,10 +267,34 @@ class Dispatcher:
                     raise APIError(response.status_code, _engine_message(detail), code="engine_rejected")
                 last = EngineFailed(f"worker {worker.id} answered {response.status_code}", 502)
             await self.release(job, worker)
-            job.excluded.add(worker.id)
+            await self.worker_failed(job, worker)
             self.metrics.retries.labels(last.reason.split(" ")[-1] if last else "error").inc()
         assert last is not None
         raise APIError(last.status, f"engines failed before answering: {last.reason}", code="engine_failed")
+
+    async def worker_failed(self, job: Job, worker: Worker) -> None:
+        """Keep this request off the worker, and count it toward its circuit breaker."""
+        job.excluded.add(worker.id)
+        try:
+            if await self.registry.record_failure(worker.id):
+                log.warning("circuit breaker open for worker %s: failing repeatedly", worker.id)
+        except Exception:  # Redis trouble must not turn a retry into an error
+            pass
+
+    async def watch(self, attempt: "Attempt", silence_s: float = 2.0) -> None:
+        """Watchdog for one engine stream: if the engine goes quiet and its worker
+        stops heartbeating (or is revoked), give up on it without waiting for the
+        long idle timeout, so the answer resumes elsewhere within seconds."""
+        while True:
+            await asyncio.sleep(silence_s / 2)
+            if time.monotonic() - attempt.last_event_at < silence_s:
+                continue
+            workers, _ = await self.snapshot(max_age=0.5)
+            me = next((w for w in workers if w.id == attempt.worker.id), None)
+            if me is None or me.state == GONE:
+                attempt.lost = "worker heartbeat expired" if me else "worker left the fleet"
+                await attempt.response.aclose()
+                return
 
     async def renew_leases(self) -> None:
         by_worker: dict[str, list[str]] = {}

@@ -30,3 +30,14 @@ def api_key(key_hash: str) -> str:
 
 
 API_KEYS = "idlegrid:{tenants}:keys"  # SET of key hashes
+
+
+def queue(model: str) -> str:
+    return f"{PREFIX}:queue:{model}"  # ZSET request_id -> order score
+
+
+def queue_owners(model: str) -> str:
+    return f"{PREFIX}:queue_owners:{model}"  # HASH request_id -> "model|center deadline api_key"
+
+
+QUEUE_DEPTH = f"{PREFIX}:queue_depth"  # HASH "model|center" -> waiting requests

@@ -103,6 +103,28 @@ local r = redis.call('HMGET', KEYS[1], 'state', 'command')
 return {r[1] or '', r[2] or ''}
 """
 
+RECORD_FAILURE = """
+-- KEYS: worker hash; ARGV: threshold, window_s, open_s
+-- A circuit breaker: `threshold` failures within `window_s` keep the worker out
+-- for `open_s`. Returns 1 if this failure opened the breaker.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local since = tonumber(redis.call('HGET', KEYS[1], 'failures_since') or '0') or 0
+local failures = 1
+if now - since <= tonumber(ARGV[2]) then
+  failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0') + 1
+else
+  redis.call('HSET', KEYS[1], 'failures_since', tostring(now))
+end
+if failures >= tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'breaker_until', tostring(now + tonumber(ARGV[3])), 'failures', 0, 'failures_since', 0)
+  return 1
+end
+redis.call('HSET', KEYS[1], 'failures', failures)
+return 0
+"""
+
 REDEEM_ENROLL_TOKEN = """
 -- KEYS: enroll token hash; ARGV: center
 -- Returns 'ok' or the reason the token is refused.
@@ -161,6 +183,7 @@ class Registry:
         self._renew = redis.register_script(RENEW)
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._redeem = redis.register_script(REDEEM_ENROLL_TOKEN)
+        self._record_failure = redis.register_script(RECORD_FAILURE)
 
     async def now(self) -> float:
         sec, usec = await self.redis.time()
@@ -247,6 +270,10 @@ class Registry:
         reservations expire instead of leaking."""
         if request_ids:
             await self._renew(keys=[keys.reservations(worker_id)], args=[self.lease_s, *request_ids])
+
+    async def record_failure(self, worker_id: str, *, threshold: int = 3, window_s: float = 30.0, open_s: float = 30.0) -> bool:
+        """Count an engine failure; True when it opened the worker's circuit breaker."""
+        return bool(await self._record_failure(keys=[keys.worker(worker_id)], args=[threshold, window_s, open_s]))
 
     # -- enrollment and worker credentials -------------------------------
 

@@ -57,7 +57,10 @@ async def serve(request: Request, kind: str) -> Response:
             ),
             policy_name=tenant.get("policy", ""),
         )
-        attempt = await gw.dispatcher.start(job)
+        attempt = await start_unless_client_leaves(gw, job, request)
+        if attempt is None:
+            gw.metrics.requests.labels(kind, "499").inc()
+            return Response(status_code=499, headers=headers)
     except RedisError:
         exc = APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"})
         gw.metrics.requests.labels(kind, "503").inc()
@@ -71,6 +74,27 @@ async def serve(request: Request, kind: str) -> Response:
     if params.stream:
         return StreamingResponse(stream_answer(gw, job, attempt), media_type="text/event-stream", headers=headers)
     return await collect_answer(gw, job, attempt, request, headers)
+
+
+async def start_unless_client_leaves(gw: Any, job: Job, request: Request) -> Attempt | None:
+    """Place the job and open its engine stream; None if the client leaves first
+    (a client waiting in the admission queue that hangs up leaves the queue)."""
+    start = asyncio.ensure_future(gw.dispatcher.start(job))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if start.done():
+        return start.result()
+    start.cancel()
+    try:
+        attempt = await start
+    except (asyncio.CancelledError, APIError):
+        return None
+    await attempt.close()  # it won the race by a hair: give the room back
+    await gw.dispatcher.release(job, attempt.worker)
+    return None
 
 
 def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, tenant: dict[str, str]) -> RouteRequest:
@@ -115,8 +139,10 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Pi
     (the generator is closed, and closing the engine stream aborts the work).
     """
     progress = job.progress
+    watchdog: asyncio.Task | None = None
     try:
         while True:
+            watchdog = asyncio.create_task(gw.dispatcher.watch(attempt))
             try:
                 async for piece in attempt.pieces(progress):
                     if piece.finish_reason == "abort":
@@ -132,9 +158,10 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Pi
                     raise EngineFailed("engine stream ended without finishing")
                 return
             except EngineFailed as failure:
+                watchdog.cancel()
                 await attempt.close()
                 await gw.dispatcher.release(job, attempt.worker)
-                job.excluded.add(attempt.worker.id)
+                await gw.dispatcher.worker_failed(job, attempt.worker)
                 blocker = job.resume_blocker() if progress.completion_tokens or progress.tokens_untracked else None
                 if blocker or job.migrations >= MAX_MIGRATIONS:
                     raise CannotResume(f"worker failed mid-answer ({failure.reason}); cannot resume: {blocker or 'too many attempts'}")
@@ -146,6 +173,8 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Pi
                 except APIError as exc:
                     raise CannotResume(f"worker failed mid-answer and no other could continue: {exc.message}") from None
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         # Shielded: when the client disconnects we are being cancelled, and these
         # awaits are what abort the engine's work and free the slot.
         with anyio.CancelScope(shield=True):

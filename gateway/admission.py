@@ -1,0 +1,105 @@
+"""The admission queue in Redis: late binding for requests no worker has room for.
+
+A request that finds no headroom waits here instead of on a GPU that may be
+reclaimed. Order is shared by every gateway: priority class first, then fair
+across API keys (each key's n-th waiting request ranks with the other keys'
+n-th), then arrival. A waiting request may only take room when it is near the
+head — within as many places as there are workers with room — so no gateway
+lets a late request jump the line, and removal from the queue is part of the
+same atomic step as the reservation, so nothing is dispatched twice.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from gateway import keys
+
+# score = priority * _CLASS + fair_round * _ROUND + arrival seconds (since 2020)
+_CLASS = 1e15
+_ROUND = 1e10
+_EPOCH = 1_577_836_800.0
+
+ENQUEUE = """
+-- KEYS: queue zset, owners hash, depth hash
+-- ARGV: request_id, priority, api_key, model|center, deadline (s)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+-- fairness: how many requests of this key are already waiting
+local round = 0
+local owners = redis.call('HGETALL', KEYS[2])
+for i = 1, #owners, 2 do
+  if string.match(owners[i + 1], '^[^ ]+ [^ ]+ (.*)$') == ARGV[3] then round = round + 1 end
+end
+local score = tonumber(ARGV[2]) * 1e15 + round * 1e10 + (now - 1577836800)
+redis.call('ZADD', KEYS[1], score, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. (now + tonumber(ARGV[5])) .. ' ' .. ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
+return redis.call('ZRANK', KEYS[1], ARGV[1])
+"""
+
+LEAVE = """
+-- KEYS: queue zset, owners hash, depth hash; ARGV: request_id
+local owner = redis.call('HGET', KEYS[2], ARGV[1])
+if not owner then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local label = string.match(owner, '^([^ ]+) ')
+if redis.call('HINCRBY', KEYS[3], label, -1) <= 0 then redis.call('HDEL', KEYS[3], label) end
+return 1
+"""
+
+RANK = """
+-- KEYS: queue zset, owners hash, depth hash; ARGV: request_id
+-- Drops entries whose gateway stopped waiting for them (deadline passed), then
+-- returns this request's place in line (0 = head), or -1 if it is not queued.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local head = redis.call('ZRANGE', KEYS[1], 0, 15)
+for _, id in ipairs(head) do
+  local owner = redis.call('HGET', KEYS[2], id)
+  local label, deadline = nil, nil
+  if owner then label, deadline = string.match(owner, '^([^ ]+) ([^ ]+) ') end
+  if not owner or tonumber(deadline) + 5 < now then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('HDEL', KEYS[2], id)
+    if label and redis.call('HINCRBY', KEYS[3], label, -1) <= 0 then redis.call('HDEL', KEYS[3], label) end
+  end
+end
+local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+if rank == false then return -1 end
+return rank
+"""
+
+
+class AdmissionQueue:
+    def __init__(self, redis: Redis):
+        self.redis = redis
+        self._enqueue = redis.register_script(ENQUEUE)
+        self._leave = redis.register_script(LEAVE)
+        self._rank = redis.register_script(RANK)
+
+    def _keys(self, model: str) -> list[str]:
+        return [keys.queue(model), keys.queue_owners(model), keys.QUEUE_DEPTH]
+
+    async def length(self, model: str) -> int:
+        return await self.redis.zcard(keys.queue(model))
+
+    async def enqueue(self, model: str, request_id: str, *, priority: int, api_key: str, center: str, timeout_s: float) -> int:
+        label = f"{model}|{center}"
+        return int(await self._enqueue(keys=self._keys(model), args=[request_id, priority, api_key or "-", label, timeout_s]))
+
+    async def rank(self, model: str, request_id: str) -> int:
+        return int(await self._rank(keys=self._keys(model), args=[request_id]))
+
+    async def leave(self, model: str, request_id: str) -> bool:
+        return bool(await self._leave(keys=self._keys(model), args=[request_id]))
+
+    async def depths(self) -> dict[tuple[str, str], int]:
+        """Waiting requests per (model, center), for /metrics and autoscalers."""
+        raw = await self.redis.hgetall(keys.QUEUE_DEPTH)
+        out = {}
+        for label, n in raw.items():
+            model, _, center = label.decode().rpartition("|")
+            out[(model, center)] = int(n)
+        return out
