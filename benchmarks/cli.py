@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import logging
 import math
 import os
 import signal
@@ -35,7 +36,7 @@ from benchmarks.energy import (
     redact,
     unavailable,
 )
-from benchmarks.metrics import SLO_KEYS, steady_window, summarize
+from benchmarks.metrics import SLO_KEYS, Window, steady_window, summarize
 from benchmarks.runner import LevelResult, LoadLevel, Target, run_level
 from benchmarks.workloads import WORKLOADS, BenchRequest, WorkloadError, build_requests
 
@@ -81,7 +82,7 @@ class BenchConfig:
     api_key: str
     model: str
     workload: str
-    requests: list[BenchRequest]
+    requests_by_level: list[list[BenchRequest]]  # same lengths at every level, fresh prompt text
     levels: list[LoadLevel]
     out: Path
     slo: dict[str, float] | None = None
@@ -154,7 +155,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if not args.base_url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url {args.base_url!r}: expected http(s)://host:port[/v1]")
     try:
-        requests = build_requests(args.workload, args.num_requests, args.seed, args.input_len, args.output_len, args.jsonl)
+        requests_by_level = [
+            build_requests(args.workload, args.num_requests, args.seed, args.input_len, args.output_len, args.jsonl,
+                           text_seed=args.seed if i == 0 else f"{args.seed}/level{i}")
+            for i in range(len(levels))
+        ]
     except WorkloadError as exc:
         raise UsageError(str(exc)) from None
     params = {"input_len": args.input_len, "output_len": args.output_len} if args.workload == "fixed" else {}
@@ -165,7 +170,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         api_key=args.api_key or "",
         model=args.model,
         workload=args.workload,
-        requests=requests,
+        requests_by_level=requests_by_level,
         levels=levels,
         out=Path(args.out),
         slo=parse_slo(args.slo),
@@ -181,11 +186,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def _workload_description(config: BenchConfig) -> str:
-    ins = [r.input_len for r in config.requests]
-    outs = [r.output_len for r in config.requests]
+    ins = [r.input_len for r in config.requests_by_level[0]]
+    outs = [r.output_len for r in config.requests_by_level[0]]
     return (
-        f"prompt ≈ {sum(ins) / len(ins):.0f} tokens mean, output {sum(outs) / len(outs):.0f} tokens mean "
-        f"(min {min(outs)}, max {max(outs)})"
+        f"prompts ≈ {sum(ins) / len(ins):.0f} tokens and outputs {sum(outs) / len(outs):.0f} tokens on average, "
+        f"outputs {min(outs)}–{max(outs)}"
     )
 
 
@@ -208,6 +213,15 @@ async def _preflight(client: httpx.AsyncClient, config: BenchConfig, headers: di
     if models and config.model not in served:
         raise EndpointError(f"model {config.model!r} is not served at {config.base_url} (served: {', '.join(map(str, served))})")
     return [m for m in models if m.get("id") == config.model]
+
+
+def _model_card(served: list[dict]) -> dict | None:
+    """What the endpoint says about the model, and whether it is a simulated engine."""
+    if not served:
+        return None
+    card = {k: served[0][k] for k in ("id", "owned_by", "root", "max_model_len", "workers") if k in served[0]}
+    card["simulated"] = bool(served[0].get("simulated")) or served[0].get("owned_by") == "idlegrid-sim"
+    return card
 
 
 def _install_stop_handlers(stop: asyncio.Event) -> list[int]:
@@ -236,16 +250,15 @@ def _remove_stop_handlers(installed: list[int]) -> None:
         loop.remove_signal_handler(signum)
 
 
-def _run_entry(config: BenchConfig, result: LevelResult, energy: dict) -> dict:
+def _run_entry(config: BenchConfig, result: LevelResult, window: Window | None, energy: dict) -> dict:
     level = result.level
     summary = summarize(result.records, result.duration_s, config.slo, config.percentiles)
-    window = steady_window([(r.start_s, r.end_s) for r in result.records], level.concurrency)
     return {
         "label": level.label,
         "request_rate": level.rate if level.concurrency is None else None,
         "burstiness": level.burstiness if level.concurrency is None else None,
         "max_concurrency": level.concurrency,
-        "num_prompts": len(config.requests),
+        "num_prompts": len(config.requests_by_level[0]),
         "sent": len(result.records),
         "interrupted": result.interrupted,
         "unfinished": sum(1 for r in result.records if r.error_kind == "interrupted"),
@@ -273,12 +286,15 @@ async def bench(config: BenchConfig, stop: asyncio.Event | None = None) -> tuple
             target = Target(client, chat_url(config.base_url), headers, config.model, config.ignore_eos)
             if sampler:
                 await sampler.sample_once()
+                if sampler.errors:  # asked for energy and cannot get it: say so before any traffic
+                    raise EndpointError(f"cannot read energy counters from {redact(config.energy_from)}: {sampler.errors[0]}")
                 sampler_task = asyncio.create_task(sampler.run(sampler_stop))
             for index, level in enumerate(config.levels):
                 if stop.is_set():
                     break
-                with tqdm(total=len(config.requests), desc=level.label, unit="req", leave=True, disable=None) as bar:
-                    result = await run_level(target, config.requests, level, t0, stop, config.seed + index, lambda: bar.update(1), index)
+                requests = config.requests_by_level[index]
+                with tqdm(total=len(requests), desc=level.label, unit="req", leave=True, disable=None) as bar:
+                    result = await run_level(target, requests, level, t0, stop, config.seed + index, lambda: bar.update(1), index)
                 results_by_level.append(result)
     finally:
         if sampler_task:
@@ -291,14 +307,14 @@ async def bench(config: BenchConfig, stop: asyncio.Event | None = None) -> tuple
 
     runs = []
     for result in results_by_level:
+        window = steady_window([(r.start_s, r.end_s) for r in result.records], result.level.concurrency)
         if sampler:
-            window = steady_window([(r.start_s, r.end_s) for r in result.records], result.level.concurrency)
             energy = energy_over_window(sampler.snapshots, window, result.records, config.model)
             if not sampler.snapshots and sampler.errors:
                 energy["energy_note"] = f"every energy reading failed: {sampler.errors[-1]}"
         else:
             energy = unavailable("no energy source was given (--energy-from)")
-        runs.append(_run_entry(config, result, energy))
+        runs.append(_run_entry(config, result, window, energy))
 
     interrupted = stop.is_set()
     results = {
@@ -307,9 +323,9 @@ async def bench(config: BenchConfig, stop: asyncio.Event | None = None) -> tuple
         "backend": "openai-chat",
         "base_url": config.base_url,
         "model_id": config.model,
-        "served_model": served[0] if served else None,
+        "served_model": _model_card(served),
         "workload": {"name": config.workload, "description": _workload_description(config), **config.workload_params},
-        "num_prompts": len(config.requests),
+        "num_prompts": len(config.requests_by_level[0]),
         "seed": config.seed,
         "ignore_eos": config.ignore_eos,
         "slo": config.slo,
@@ -332,7 +348,8 @@ async def bench(config: BenchConfig, stop: asyncio.Event | None = None) -> tuple
             for kind, n in r["failures"].items():
                 failures[kind] = failures.get(kind, 0) + n
         what = ", ".join(f"{k}: {n}" for k, n in sorted(failures.items()))
-        print(f"idlegrid bench: error: every request failed ({what}); see {config.out / 'requests.jsonl'}", file=sys.stderr)
+        hint = " (an endpoint that rejects ignore_eos needs --no-ignore-eos)" if config.ignore_eos and set(failures) == {"http_400"} else ""
+        print(f"idlegrid bench: error: every request failed ({what}){hint}; see {config.out / 'requests.jsonl'}", file=sys.stderr)
         return results, 1
     return results, 0
 
@@ -351,6 +368,8 @@ def _print_summary(config: BenchConfig, results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # httpx logs every request at INFO; thousands of lines would bury the progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
         config.out.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,17 @@ def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _error_message(body: str) -> str:
+    """The message of an OpenAI-style error body (`{"error": {"message": ...}}`), else the body."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return _short(body)
+    if isinstance(error, dict) and error.get("message"):
+        return _short(str(error["message"]))
+    return _short(body)
+
+
 async def stream_chat(
     client: httpx.AsyncClient,
     url: str,
@@ -143,9 +154,8 @@ async def stream_chat(
         async with client.stream("POST", url, json=body, headers=headers) as response:
             record.worker = response.headers.get(WORKER_HEADER)
             if response.status_code != 200:
-                text = (await response.aread()).decode("utf-8", "replace")
                 record.error_kind = f"http_{response.status_code}"
-                record.error = _short(text)
+                record.error = _error_message((await response.aread()).decode("utf-8", "replace"))
                 return record
             async for line in response.aiter_lines():
                 now = time.perf_counter()
@@ -161,7 +171,7 @@ async def stream_chat(
                     record.error_kind, record.error = "bad_chunk", _short(data)
                     return record
                 if "error" in chunk:
-                    record.error_kind, record.error = "stream_error", _short(json.dumps(chunk["error"]))
+                    record.error_kind, record.error = "stream_error", _error_message(data)
                     return record
                 for choice in chunk.get("choices") or []:
                     if _has_text(choice.get("delta") or {}):

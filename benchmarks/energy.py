@@ -35,6 +35,8 @@ from benchmarks.client import RequestRecord
 from benchmarks.metrics import Window, energy_between, tokens_between
 
 FLEET_WORKERS_KEY = "idlegrid:{fleet}:workers"
+# Fewer counter changes than this inside the steady window make the energy figure rough.
+MIN_COUNTER_UPDATES = 5
 WORKER_KEY = "idlegrid:{fleet}:worker:%s"
 
 # Prometheus counters we know, and what the joules are measured by.
@@ -58,6 +60,9 @@ class WorkerReading:
     model: str = ""
     power_w: float | None = None
     state: str = ""
+    # A simulated engine's clock runs `time_scale` times faster than the wall's, and its
+    # modeled joules are joules of simulated time. None: real time, or not known.
+    time_scale: float | None = None
 
 
 class WorkerEnergyReader(Protocol):
@@ -99,6 +104,7 @@ def reading_from_worker(record: dict) -> WorkerReading:
         model=str(record.get("model") or ""),
         power_w=_number(record.get("power_w")),
         state=str(record.get("state") or ""),
+        time_scale=_number(record.get("time_scale")),
     )
 
 
@@ -173,29 +179,35 @@ class PrometheusEnergy:
 
 
 def parse_prometheus_energy(text: str, default_id: str) -> list[WorkerReading]:
-    readings = []
+    """Energy counters on a /metrics page; the simulated engine's `idlegrid_sim_info`
+    adds its GPU and time scale. One reading per counter series, named after the
+    page (`host:port`), plus the series' labels when the page has several."""
+    counters, sim_info = [], {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name == "idlegrid_sim_info":
+                sim_info[(sample.labels.get("model_name"), sample.labels.get("engine"))] = sample.labels
+                continue
             # prometheus_client's parser adds `_total` to counters that lack it (DCGM's do).
             known = PROMETHEUS_COUNTERS.get(sample.name) or PROMETHEUS_COUNTERS.get(sample.name.removesuffix("_total"))
-            if known is None:
-                continue
-            source, to_joules = known
-            labels = dict(sample.labels)
-            label_id = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-            worker_id = labels.get("worker") or labels.get("engine") or (
-                f"{default_id}{{{label_id}}}" if label_id else default_id
+            if known is not None:
+                counters.append((sample, *known))
+    readings = []
+    for sample, source, to_joules in counters:
+        labels = dict(sample.labels)
+        info = sim_info.get((labels.get("model_name"), labels.get("engine")), {})
+        label_text = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        readings.append(
+            WorkerReading(
+                worker_id=f"{default_id}{{{label_text}}}" if len(counters) > 1 and label_text else default_id,
+                energy_j=sample.value * to_joules,
+                energy_source=info.get("energy_source", source),
+                center=labels.get("center", ""),
+                gpu=info.get("gpu") or labels.get("gpu") or labels.get("modelName", ""),
+                model=labels.get("model_name") or labels.get("model", ""),
+                time_scale=_number(info.get("time_scale")),
             )
-            readings.append(
-                WorkerReading(
-                    worker_id=worker_id,
-                    energy_j=sample.value * to_joules,
-                    energy_source=source,
-                    center=labels.get("center", ""),
-                    gpu=labels.get("gpu", labels.get("modelName", "")),
-                    model=labels.get("model", labels.get("model_name", "")),
-                )
-            )
+        )
     return readings
 
 
@@ -267,6 +279,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _updates_between(series: Sequence[tuple[float, float]], t0: float, t1: float) -> int:
+    """How many readings inside [t0, t1] showed a new counter value (heartbeats and
+    NVML refresh counters in steps, so only changes carry information)."""
+    updates = 0
+    for (_, before), (t, value) in zip(series, series[1:]):
+        if t0 <= t <= t1 and value != before:
+            updates += 1
+    return updates
+
+
+def _sum_power(workers: Sequence[dict]) -> float | None:
+    powers = [w["avg_power_w"] for w in workers]
+    return None if not powers or None in powers else sum(powers)
+
+
 def unavailable(note: str) -> dict:
     return {
         "tokens_per_joule": None,
@@ -325,6 +352,8 @@ def energy_over_window(
     for w in sorted(metered, key=lambda w: w.worker_id):
         series = points[w.worker_id]
         joules = energy_between(series, window.start_s, window.end_s)
+        # Modeled joules of a time-scaled simulator span time_scale × the wall-clock window.
+        seconds = length * (w.time_scale or 1.0)
         tokens = tokens_between([r for r in records if r.worker == w.worker_id], window.start_s, window.end_s) if attributed else None
         by_worker.append(
             {
@@ -333,10 +362,12 @@ def energy_over_window(
                 "gpu": w.gpu,
                 "energy_source": w.energy_source or "unknown",
                 "energy_joules": joules,
-                "avg_power_w": _ratio(joules, length),
+                "avg_power_w": _ratio(joules, seconds),
+                "time_scale": w.time_scale,
                 "output_tokens": tokens,
                 "tokens_per_joule": _ratio(tokens, joules),
                 "samples_in_window": sum(1 for t, _ in series if window.start_s <= t <= window.end_s),
+                "counter_updates_in_window": _updates_between(series, window.start_s, window.end_s),
                 "covers_window": series[0][0] <= window.start_s and series[-1][0] >= window.end_s,
             }
         )
@@ -352,7 +383,7 @@ def energy_over_window(
                 "workers": len(members),
                 "energy_source": _source_label({w["energy_source"] for w in members}),
                 "energy_joules": joules,
-                "avg_power_w": _ratio(joules, length),
+                "avg_power_w": _sum_power(members),
                 "output_tokens": tokens,
                 "tokens_per_joule": _ratio(tokens, joules),
             }
@@ -364,8 +395,18 @@ def energy_over_window(
     if source == "mixed":
         kinds = sorted({w["energy_source"] for w in by_worker})
         notes.append(f"energy sources are mixed ({', '.join(kinds)}): measured and modeled joules are added together")
-    if not any(w["covers_window"] for w in by_worker):
-        notes.append("no worker's samples span the whole window; the energy is extrapolated flat at its edges")
+    fewest_updates = min(w["counter_updates_in_window"] for w in by_worker)
+    if fewest_updates < MIN_COUNTER_UPDATES:
+        notes.append(
+            f"an energy counter changed only {fewest_updates} time(s) inside the {length:.2f} s steady window, "
+            "so these energy figures are rough; send more requests for a longer window"
+        )
+    partial = [w["worker"] for w in by_worker if not w["covers_window"]]
+    if partial:
+        notes.append(
+            f"{len(partial)} worker(s) were not read over the whole window (they joined or left during it); "
+            "their energy counts only while they were read"
+        )
     tokens_per_joule = _ratio(fleet_tokens, fleet_joules)
     if without:
         tokens_per_joule = None
@@ -373,13 +414,24 @@ def energy_over_window(
             f"{len(without)} of {len(workers)} workers report no energy counter ({', '.join(without[:5])}"
             f"{', …' if len(without) > 5 else ''}); fleet-wide tokens per joule is not given"
         )
+    scales = {w["time_scale"] for w in by_worker if w["energy_source"] == "modeled"}
+    if scales - {None, 1.0}:
+        notes.append(
+            f"simulated engines run {', '.join(f'{x:g}' for x in sorted(scales - {None}))}× faster than real time: "
+            "average power is in simulated watts, while latency and throughput are wall-clock"
+        )
+    elif None in scales:
+        notes.append(
+            "modeled energy is in joules of simulated time; if the simulated engines run with --time-scale X, "
+            "average power reads X times too high (tokens per joule is unaffected)"
+        )
     if not attributed:
         notes.append("responses do not name their worker, so tokens per joule is given fleet-wide only")
     return {
         "tokens_per_joule": tokens_per_joule,
         "energy_joules": fleet_joules,
         "energy_source": source,
-        "avg_power_w": _ratio(fleet_joules, length),
+        "avg_power_w": _sum_power(by_worker),
         "steady_output_tokens": fleet_tokens,
         "steady_output_throughput": _ratio(fleet_tokens, length),
         "energy_note": "; ".join(notes),

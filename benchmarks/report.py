@@ -16,8 +16,6 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from matplotlib.figure import Figure
-
 from benchmarks.client import RequestRecord
 from benchmarks.metrics import request_tpot
 
@@ -55,6 +53,16 @@ def write_requests(out_dir: Path, records: Sequence[RequestRecord]) -> Path:
 # --- plots -----------------------------------------------------------------
 
 
+def Figure(**kwargs):  # noqa: N802 (stands in for matplotlib's class)
+    """A matplotlib figure drawn by the Agg canvas: no display, no pyplot state.
+
+    Imported here so that `idlegrid bench --help` and flag errors do not wait
+    for matplotlib."""
+    from matplotlib.figure import Figure as _Figure
+
+    return _Figure(**kwargs)
+
+
 def _cdf(ax, values_ms: list[float], label: str) -> None:
     if not values_ms:
         return
@@ -88,7 +96,7 @@ def plot_latency_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestReco
         ax.grid(alpha=0.3)
         if not spans:
             ax.text(0.5, 0.5, "no completed requests", ha="center", va="center", transform=ax.transAxes)
-    if len(runs) > 1 or any(records for _, records in runs):
+    if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=110)
     return path
@@ -220,6 +228,12 @@ def write_report(out_dir: Path, results: dict, plots: Sequence[Path]) -> Path:
     if results.get("interrupted"):
         lines += ["> **Interrupted**: the run was stopped early; these numbers cover only what was measured before.", ""]
     workload = results["workload"]
+    if (results.get("served_model") or {}).get("simulated"):
+        lines += [
+            "> **Simulated engine**: the endpoint serves this model from idlegrid's simulated engine; latency, "
+            "throughput and energy come from its GPU model, not from real GPUs.",
+            "",
+        ]
     lines += [
         f"- Endpoint: `{results['base_url']}`, model `{results['model_id']}`",
         f"- Workload: `{workload['name']}` ({workload['description']}), {results['num_prompts']} requests per load level, seed {results['seed']}",
@@ -230,7 +244,8 @@ def write_report(out_dir: Path, results: dict, plots: Sequence[Path]) -> Path:
         "",
         "## Results",
         "",
-        "| load | completed | failed | req/s | goodput req/s | output tok/s | TTFT mean / p99 (ms) | TPOT mean / p99 (ms) | ITL mean / p99 (ms) | E2E mean / p99 (ms) | tokens/J | avg W | energy |",
+        "| load | completed | failed | req/s | goodput req/s | output tok/s | TTFT mean / p99 (ms) "
+        "| TPOT mean / p99 (ms) | ITL mean / p99 (ms) | E2E mean / p99 (ms) | tokens/J | avg W | energy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:

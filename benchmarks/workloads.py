@@ -14,16 +14,17 @@ space). The prompt length the engine actually saw comes back in
 Where the distributions come from
 ---------------------------------
 `r1` (DeepSeek-R1-distill style reasoning):
-  * Output cap 32,768 tokens: the DeepSeek-R1 model card sets "the maximum
-    generation length to 32,768 tokens" for every evaluation of R1 and its
-    distilled models.
-  * Output lengths are long-tailed with a mean in the thousands: the Open-R1
-    project (Hugging Face, "Open-R1: Update #1", Feb 2025) reports the
-    "enormous size of the generations" of the R1-distill models on MATH-500,
-    and ML.ENERGY's reasoning workload (GPQA on Qwen3-8B) averages about 7.8k
-    output tokens. We model this as a log-normal with median 4,000 and
-    sigma 0.9 (mean about 6,000 tokens), clipped to [256, 32,768]. This is a
-    fit to those published figures, not a replay of a trace.
+  * Output cap 32,768 tokens: the DeepSeek-R1 model card says "For all our
+    models, the maximum generation length is set to 32,768 tokens."
+  * Output lengths are long-tailed with a mean in the thousands: evaluating
+    the R1-distill models on MATH-500, the Open-R1 project (Hugging Face,
+    "Open-R1: Update #1", Feb 2025) notes "the enormous size of the
+    generations from the DeepSeek models"; ML.ENERGY's reasoning workload
+    (GPQA on Qwen3-8B) averages about 7.8k output tokens; and small
+    SFT-distilled models are reported to think long and stop late (arXiv
+    2505.07961). We model this as a log-normal with median 4,000 and sigma
+    0.9 (mean about 6,000 tokens), clipped to [256, 32,768]: a fit to those
+    published figures, not a replay of a trace.
   * Prompts are short competition-style problems (AIME/MATH questions are a
     few sentences) followed by the instruction the R1 model card recommends
     for math ("Please reason step by step, and put your final answer within
@@ -47,17 +48,16 @@ from pathlib import Path
 R1_OUTPUT_CAP = 32_768
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-# One-token-ish words for Qwen/Llama BPE vocabularies (with a leading space).
+# Common English words that BPE vocabularies (Qwen, Llama) hold as one token each,
+# with their leading space; the simulated engine's small vocabulary has them too.
 _WORDS = (
-    "the of and to in is was for on that with as by at from it this be are an or "
-    "have had not but what all were when we there can which one their if will "
-    "each about how up out them then she many some so these would other into has "
-    "more her two like him see time could no make than first been its who now "
-    "people my made over did down only way find use may water long little very "
-    "after words called just where most know get through back much go good new "
-    "write our used me man too any day same right look think also around another "
-    "came come work three word must because does part even place well such here "
-    "take why things help put years different away again off went old number"
+    "the a an of to in on for with as by at from that this it is are was be have has "
+    "had do not no so then if when which who what how why all any each some many more "
+    "most other such same new old first second last next number value sum result "
+    "answer question problem step case part time rate line point side area length "
+    "ratio root square even odd zero one two three four five six seven eight nine ten "
+    "find make take use see know show solve write add count note idea way rule small "
+    "large long short high low equal true clear simple"
 ).split()
 
 
@@ -112,48 +112,43 @@ def _prompt(n_tokens: int, rng: random.Random, suffix: str = "") -> str:
     return f"{text}\n{suffix}" if suffix else text
 
 
-def r1_requests(n: int, rng: random.Random) -> list[BenchRequest]:
+def _synthetic(
+    n: int,
+    lengths: random.Random,
+    text: random.Random,
+    draw_input,
+    draw_output,
+    suffix: str = "",
+) -> list[BenchRequest]:
+    # Lengths and prompt text come from separate random streams, so a sweep can
+    # send the same lengths at every load level with fresh text (no prefix-cache
+    # hits carried over from the level before).
     requests = []
     for i in range(n):
-        input_len = R1_INPUT.draw(rng)
+        input_len, output_len = draw_input(lengths), draw_output(lengths)
         requests.append(
             BenchRequest(
                 index=i,
-                messages=[{"role": "user", "content": _prompt(input_len, rng, R1_INSTRUCTION)}],
+                messages=[{"role": "user", "content": _prompt(input_len, text, suffix)}],
                 input_len=input_len,
-                output_len=R1_OUTPUT.draw(rng),
+                output_len=output_len,
             )
         )
     return requests
 
 
-def chat_requests(n: int, rng: random.Random) -> list[BenchRequest]:
-    requests = []
-    for i in range(n):
-        input_len = CHAT_INPUT.draw(rng)
-        requests.append(
-            BenchRequest(
-                index=i,
-                messages=[{"role": "user", "content": _prompt(input_len, rng)}],
-                input_len=input_len,
-                output_len=CHAT_OUTPUT.draw(rng),
-            )
-        )
-    return requests
+def r1_requests(n: int, lengths: random.Random, text: random.Random) -> list[BenchRequest]:
+    return _synthetic(n, lengths, text, R1_INPUT.draw, R1_OUTPUT.draw, R1_INSTRUCTION)
 
 
-def fixed_requests(n: int, input_len: int, output_len: int, rng: random.Random) -> list[BenchRequest]:
+def chat_requests(n: int, lengths: random.Random, text: random.Random) -> list[BenchRequest]:
+    return _synthetic(n, lengths, text, CHAT_INPUT.draw, CHAT_OUTPUT.draw)
+
+
+def fixed_requests(n: int, input_len: int, output_len: int, text: random.Random) -> list[BenchRequest]:
     if input_len < 1 or output_len < 1:
         raise WorkloadError("--input-len and --output-len must be at least 1")
-    return [
-        BenchRequest(
-            index=i,
-            messages=[{"role": "user", "content": _prompt(input_len, rng)}],
-            input_len=input_len,
-            output_len=output_len,
-        )
-        for i in range(n)
-    ]
+    return _synthetic(n, text, text, lambda _: input_len, lambda _: output_len)
 
 
 def jsonl_requests(path: str | Path, n: int, default_output_len: int) -> list[BenchRequest]:
@@ -209,17 +204,20 @@ def build_requests(
     input_len: int | None = None,
     output_len: int | None = None,
     jsonl: str | None = None,
+    text_seed: int | str | None = None,
 ) -> list[BenchRequest]:
-    """The `n` requests of one run, the same for the same seed."""
-    rng = random.Random(seed)
+    """The `n` requests of one run: lengths from `seed`, prompt text from
+    `text_seed` (default `seed`), so the same seeds give the same requests."""
+    lengths = random.Random(seed)
+    text = random.Random(f"text-{seed if text_seed is None else text_seed}")
     if workload == "r1":
-        return r1_requests(n, rng)
+        return r1_requests(n, lengths, text)
     if workload == "chat":
-        return chat_requests(n, rng)
+        return chat_requests(n, lengths, text)
     if workload == "fixed":
         if input_len is None or output_len is None:
             raise WorkloadError("--workload fixed needs --input-len and --output-len")
-        return fixed_requests(n, input_len, output_len, rng)
+        return fixed_requests(n, input_len, output_len, text)
     if workload == "jsonl":
         if not jsonl:
             raise WorkloadError("--workload jsonl needs --jsonl FILE")

@@ -71,6 +71,7 @@ async def serve(request: Request, kind: str) -> Response:
         exc.headers.update(headers)
         return exc.response()
     gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
+    headers["X-Idlegrid-Worker"] = attempt.worker.id  # lets benchmarks attribute tokens per worker
     if params.stream:
         return StreamingResponse(stream_answer(gw, job, attempt), media_type="text/event-stream", headers=headers)
     return await collect_answer(gw, job, attempt, request, headers)

@@ -19,6 +19,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.embedded_redis import EmbeddedRedis, free_port
+from tests.vllm_server import vllm_engine, vllm_server  # noqa: F401  (real vLLM fixtures)
 
 MODEL = "deepseek-r1-distill-qwen-1.5b"
 
@@ -157,8 +158,9 @@ def sim_fleet(tmp_path_factory):
     """A gateway with two simulated workers in two centers, shared by a module."""
     redis = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
     server, handle = start_gateway(redis.url, queue_timeout_s=2.0)
-    handle.start_sim_worker("dc-a", seed=1)
-    handle.start_sim_worker("dc-b", seed=1)
+    # Real-time engines: a long stream stays open while a test looks at it.
+    handle.start_sim_worker("dc-a", seed=1, time_scale=1.0)
+    handle.start_sim_worker("dc-b", seed=1, time_scale=1.0)
     handle.wait_ready(2)
     yield handle
     handle.stop_agents()

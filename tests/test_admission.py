@@ -16,7 +16,7 @@ import pytest
 from gateway.embedded_redis import free_port
 from tests.conftest import MODEL, start_gateway
 
-LONG = {"model": MODEL, "messages": [{"role": "user", "content": "think"}], "max_tokens": 400, "ignore_eos": True, "stream": True}
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "think"}], "max_tokens": 30000, "ignore_eos": True, "stream": True}
 SHORT = {"model": MODEL, "prompt": "hi", "max_tokens": 5}
 
 
@@ -41,13 +41,14 @@ def queue_depth(gw) -> float:
 def test_waiting_request_runs_when_the_slot_frees(one_slot_gateway):
     gw = one_slot_gateway
     with gw.client as c, c.stream("POST", "/v1/chat/completions", json=LONG) as long_stream:
-        next(long_stream.iter_lines())
+        lines = long_stream.iter_lines()  # held: dropping it would hang up
+        next(lines)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(lambda: httpx.post(gw.url + "/v1/completions", json=SHORT, headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=30))
             deadline = time.monotonic() + 3
             while queue_depth(gw) < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert queue_depth(gw) == 1, "the second request waits in the queue, not on the GPU"
+            assert queue_depth(gw) == 1, ("the second request waits in the queue, not on the GPU")
             assert not waiting.done()
             long_stream.close()  # the first client leaves: its slot frees
             r = waiting.result(timeout=10)
@@ -58,8 +59,9 @@ def test_waiting_request_runs_when_the_slot_frees(one_slot_gateway):
 
 def test_queue_timeout_is_429_with_retry_after(one_slot_gateway):
     gw = one_slot_gateway
-    with gw.client as c, c.stream("POST", "/v1/chat/completions", json={**LONG, "max_tokens": 5000}) as long_stream:
-        next(long_stream.iter_lines())
+    with gw.client as c, c.stream("POST", "/v1/chat/completions", json={**LONG, "max_tokens": 30000}) as long_stream:
+        lines = long_stream.iter_lines()  # held: dropping it would hang up
+        next(lines)
         started = time.monotonic()
         r = c.post("/v1/completions", json=SHORT)
         waited = time.monotonic() - started
@@ -72,8 +74,9 @@ def test_queue_timeout_is_429_with_retry_after(one_slot_gateway):
 
 def test_client_that_hangs_up_leaves_the_queue(one_slot_gateway):
     gw = one_slot_gateway
-    with gw.client as c, c.stream("POST", "/v1/chat/completions", json={**LONG, "max_tokens": 5000}) as long_stream:
-        next(long_stream.iter_lines())
+    with gw.client as c, c.stream("POST", "/v1/chat/completions", json={**LONG, "max_tokens": 30000}) as long_stream:
+        lines = long_stream.iter_lines()  # held: dropping it would hang up
+        next(lines)
         impatient = httpx.Client(base_url=gw.url, headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=0.5)
         with pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/completions", json=SHORT)

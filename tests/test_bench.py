@@ -5,17 +5,26 @@ servers on loopback."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
-import random
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import cli
 from benchmarks.arrivals import arrival_offsets
 from benchmarks.client import RequestRecord
-from benchmarks.energy import Snapshot, WorkerReading, energy_over_window, parse_prometheus_energy
+from benchmarks.energy import RedisWorkers, Snapshot, WorkerReading, energy_over_window, parse_prometheus_energy
 from benchmarks.metrics import (
     energy_between,
     in_flight_timeline,
@@ -25,12 +34,11 @@ from benchmarks.metrics import (
     summarize,
     tokens_between,
 )
-from benchmarks.workloads import (
-    R1_OUTPUT_CAP,
-    WorkloadError,
-    build_requests,
-    jsonl_requests,
-)
+from benchmarks.workloads import R1_OUTPUT_CAP, WorkloadError, build_requests, jsonl_requests
+from gateway.embedded_redis import EmbeddedRedis
+from tests.conftest import start_gateway
+from workers.sim import EnginesInThread, SimEngine
+from workers.sim.profiles import get_gpu
 
 
 def record(start: float, token_times: list[float], tokens: int | None = None, *, ok: bool = True,
@@ -227,6 +235,16 @@ def test_a_worker_without_a_counter_withholds_the_fleet_figure():
     assert [w["worker"] for w in result["energy_by_worker"]] == ["a"]
 
 
+def test_a_window_with_few_counter_updates_is_flagged_rough():
+    # Counters that step once a second (heartbeats) seen over a 2 s window.
+    stepped = [(t / 10, WorkerReading("a", 1000.0 + 300 * math.floor(t / 10), "modeled", "dc-a", "h100", "m"))
+               for t in range(0, 60)]
+    result = energy_over_window(_snapshots(stepped), steady_window([(2.0, 4.0), (2.1, 4.1), (2.2, 4.2)], 3),
+                                _steady_records(), model="m")
+    assert "rough" in result["energy_note"]
+    assert result["energy_by_worker"][0]["counter_updates_in_window"] < 5
+
+
 def test_workers_of_other_models_are_left_out():
     snapshots = _snapshots(_linear_counter("a", 300, center="dc-a"),
                            _linear_counter("z", 900, center="dc-a", model="other"))
@@ -277,7 +295,7 @@ def test_infinite_rate_sends_everything_at_once_and_infinite_burstiness_is_even(
 
 
 def test_r1_workload_has_long_capped_reasoning_outputs():
-    requests = build_requests("r1", 3000, seed=1)
+    requests = build_requests("r1", 1500, seed=1)
     outputs = [r.output_len for r in requests]
     assert 4_000 <= statistics.fmean(outputs) <= 8_000  # thousands of tokens on average
     assert max(outputs) <= R1_OUTPUT_CAP and min(outputs) >= 256
@@ -286,7 +304,7 @@ def test_r1_workload_has_long_capped_reasoning_outputs():
 
 
 def test_chat_workload_matches_sharegpt_means():
-    requests = build_requests("chat", 3000, seed=1)
+    requests = build_requests("chat", 1500, seed=1)
     assert statistics.fmean(r.input_len for r in requests) == pytest.approx(161, rel=0.15)
     assert statistics.fmean(r.output_len for r in requests) == pytest.approx(338, rel=0.15)
 
@@ -300,6 +318,13 @@ def test_fixed_workload_has_exact_lengths_and_seeded_prompts():
     assert a[0].messages != build_requests("fixed", 4, seed=6, input_len=64, output_len=32)[0].messages
     with pytest.raises(WorkloadError):
         build_requests("fixed", 4, seed=5)
+
+
+def test_sweep_levels_get_the_same_lengths_with_fresh_text():
+    first = build_requests("r1", 20, seed=3)
+    later = build_requests("r1", 20, seed=3, text_seed="3/level1")
+    assert [(r.input_len, r.output_len) for r in first] == [(r.input_len, r.output_len) for r in later]
+    assert all(a.messages != b.messages for a, b in zip(first, later))  # no prefix-cache hits across levels
 
 
 def test_jsonl_workload_reads_messages_prompts_and_extra_fields(tmp_path):
@@ -365,3 +390,207 @@ def test_an_unreachable_endpoint_is_one_line_and_exit_1(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("idlegrid bench: error: cannot reach http://127.0.0.1:9")
     assert len(err.splitlines()) == 1
+
+
+# --- live runs -----------------------------------------------------------------
+#
+# Real HTTP on loopback: a simulated engine served by uvicorn in a thread, and a
+# real gateway with two real worker agents (subprocesses) in two centers.
+
+
+SIM_MODEL = "deepseek-r1-distill-qwen-1.5b"
+SIM_GPU = "l40s"  # ~6 ms per decode step at time scale 1: streams long enough to measure
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sim_engine():
+    with EnginesInThread([SimEngine(gpu=SIM_GPU, model=SIM_MODEL, time_scale=1, max_model_len=4096)]) as fleet:
+        yield fleet.urls[0]
+
+
+@pytest.fixture(scope="module")
+def idlegrid_fleet(tmp_path_factory):
+    """A gateway over a real Redis with two simulated workers in two centers, as `idlegrid up` runs them."""
+    redis = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    server, handle = start_gateway(redis.url, queue_timeout_s=10.0)
+    try:
+        for center in ("dc-a", "dc-b"):
+            handle.start_sim_worker(center, gpu=SIM_GPU, model=SIM_MODEL, time_scale=1.0,
+                                    extra=["--heartbeat-interval", "0.2"])
+        handle.wait_ready(2)
+        yield handle
+    finally:
+        handle.stop_agents()
+        server.stop()
+        redis.stop()
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _check_outputs(out: Path, results: dict) -> str:
+    """Every file a user opens is there and valid; returns report.md."""
+    lines = (out / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == sum(r["sent"] for r in results["runs"])
+    report = (out / "report.md").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert pngs
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()  # raises on a broken PNG
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+        assert f"]({png.name})" in report  # embedded in the report
+    return report
+
+
+def test_live_run_against_a_simulated_engine(sim_engine, tmp_path):
+    out = tmp_path / "direct"
+    status = _run([
+        "--base-url", sim_engine + "/v1", "--model", SIM_MODEL, "--workload", "fixed",
+        "--input-len", "32", "--output-len", "64", "--num-requests", "16", "--concurrency", "4",
+        "--slo", "ttft_ms=5000,tpot_ms=500", "--energy-from", sim_engine + "/metrics",
+        "--energy-interval", "0.1", "--out", str(out),
+    ])
+    assert status == 0
+    results = _results(out)
+    # Straight from the engine, text arrives in vLLM's `delta.reasoning`: it counts as tokens.
+    assert (results["completed"], results["failed"]) == (16, 0)
+    assert results["total_output_tokens"] == 16 * 64  # ignore_eos + max_tokens fixed the lengths
+    assert results["request_goodput"] == pytest.approx(results["request_throughput"])
+    assert 0 < results["median_ttft_ms"] <= results["p99_ttft_ms"]
+    assert results["served_model"]["simulated"] is True
+
+    # TPOT can be no faster than the engine's own step clock (about 6 ms per step on an L40S).
+    info = httpx.get(sim_engine + "/v1/sim/info").json()
+    assert results["mean_tpot_ms"] >= 0.8 * info["tpot_base_ms"]
+    assert results["mean_tpot_ms"] == pytest.approx(results["mean_itl_ms"], rel=0.05)  # one token per chunk
+
+    # Energy: the engine's modeled counter over the steady window, at a power the GPU can draw.
+    assert results["steady_window"]["kind"] == "steady" and results["steady_window"]["steady_level"] == 4
+    assert results["energy_source"] == "modeled"
+    gpu = get_gpu(SIM_GPU)
+    assert gpu.idle_w * 0.9 <= results["avg_power_w"] <= gpu.max_w * 1.1
+    assert results["tokens_per_joule"] == pytest.approx(results["steady_output_throughput"] / results["avg_power_w"], rel=1e-6)
+
+    first = json.loads((out / "requests.jsonl").read_text().splitlines()[0])
+    assert len(first["itl_ms"]) == 63 and first["ttft_ms"] > 0 and first["output_tokens_from"] == "usage"
+    report = _check_outputs(out, results)
+    assert "Simulated engine" in report and "modeled" in report
+
+
+def test_live_sweep_gives_one_entry_and_point_per_rate(sim_engine, tmp_path):
+    out = tmp_path / "sweep"
+    status = _run([
+        "--base-url", sim_engine, "--model", SIM_MODEL, "--workload", "fixed", "--input-len", "16",
+        "--output-len", "32", "--num-requests", "8", "--rates", "20,80", "--burstiness", "0.5",
+        "--energy-from", sim_engine + "/metrics", "--energy-interval", "0.05", "--out", str(out),
+    ])
+    assert status == 0
+    results = _results(out)
+    assert [(r["request_rate"], r["burstiness"]) for r in results["runs"]] == [(20, 0.5), (80, 0.5)]
+    assert all((r["completed"], r["total_output_tokens"]) == (8, 8 * 32) for r in results["runs"])
+    assert "completed" not in results  # a sweep has no single run to copy to the top level
+    sent = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert sorted({line["run"] for line in sent}) == [0, 1]
+    _check_outputs(out, results)
+    assert {"throughput_vs_load.png", "tokens_per_joule_vs_load.png"} <= {p.name for p in out.glob("*.png")}
+
+
+def test_live_run_through_the_gateway_with_energy_per_center(idlegrid_fleet, tmp_path):
+    fleet = idlegrid_fleet
+    out = tmp_path / "gateway"
+    status = _run([
+        "--base-url", fleet.url + "/v1", "--api-key", fleet.api_key, "--model", SIM_MODEL,
+        "--workload", "fixed", "--input-len", "32", "--output-len", "128", "--num-requests", "24",
+        "--concurrency", "8", "--energy-from", fleet.url, "--admin-token", fleet.admin_token,
+        "--energy-interval", "0.1", "--out", str(out),
+    ])
+    assert status == 0
+    results = _results(out)
+    # Through the gateway, reasoning arrives as `delta.reasoning_content`; it counts as tokens.
+    assert (results["completed"], results["failed"]) == (24, 0)
+    assert results["total_output_tokens"] == 24 * 128
+    assert results["energy_source"] == "modeled"
+    centers = {c["center"]: c for c in results["energy_by_center"]}
+    assert set(centers) == {"dc-a", "dc-b"}
+    assert sum(c["energy_joules"] for c in centers.values()) == pytest.approx(results["energy_joules"])
+    assert results["tokens_per_joule"] > 0
+    gpu = get_gpu(SIM_GPU)  # two GPUs; heartbeats make the edges of the window coarse, hence the slack
+    assert 2 * gpu.idle_w * 0.5 <= results["avg_power_w"] <= 2 * gpu.max_w * 1.5
+    report = _check_outputs(out, results)
+    assert "energy_by_center.png" in report and "| dc-a |" in report and "| dc-b |" in report
+
+    # The same counters, read straight from the fleet's Redis.
+    async def read():
+        reader = RedisWorkers(fleet.redis_url)
+        try:
+            return await reader.read()
+        finally:
+            await reader.close()
+
+    readings = asyncio.run(read())
+    assert {r.center for r in readings} == {"dc-a", "dc-b"}
+    assert all(r.energy_j > 0 and r.energy_source == "modeled" for r in readings)
+
+
+def test_a_wrong_key_or_admin_token_stops_before_sending(idlegrid_fleet, tmp_path, capsys):
+    fleet = idlegrid_fleet
+    common = ["--base-url", fleet.url + "/v1", "--model", SIM_MODEL, "--workload", "chat",
+              "--num-requests", "2", "--rate", "1", "--out", str(tmp_path / "x")]
+    assert _run(common + ["--api-key", "sk-wrong"]) == 1
+    assert "refused the API key (HTTP 401)" in capsys.readouterr().err
+    assert _run(common + ["--api-key", fleet.api_key, "--energy-from", fleet.url, "--admin-token", "wrong"]) == 1
+    assert "cannot read energy counters" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_requests_the_engine_rejects_are_failures_by_kind(sim_engine, tmp_path, capsys):
+    out = tmp_path / "rejected"
+    # A 6,000-token prompt does not fit the engine's 4,096-token context: vLLM answers 400.
+    status = _run(["--base-url", sim_engine, "--model", SIM_MODEL, "--workload", "fixed", "--input-len", "6000",
+                   "--output-len", "8", "--num-requests", "3", "--rate", "inf", "--out", str(out)])
+    assert status == 1
+    assert "every request failed (http_400: 3)" in capsys.readouterr().err
+    results = _results(out)
+    assert (results["completed"], results["failed"], results["failures"]) == (0, 3, {"http_400": 3})
+    assert results["mean_ttft_ms"] is None
+    first = json.loads((out / "requests.jsonl").read_text().splitlines()[0])
+    assert first["error_kind"] == "http_400"
+    assert first["error"].startswith("This model's maximum context length is 4096 tokens")  # the engine's message
+
+
+def _requests_running(engine_url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(engine_url + "/metrics").text):
+        if family.name == "vllm:num_requests_running":
+            return sum(sample.value for sample in family.samples)
+    return 0.0
+
+
+def test_ctrl_c_writes_what_was_measured(sim_engine, tmp_path):
+    out = tmp_path / "interrupted"
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.cli", "--base-url", sim_engine, "--model", SIM_MODEL,
+         "--workload", "fixed", "--input-len", "16", "--output-len", "3000", "--num-requests", "40",
+         "--rate", "20", "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while _requests_running(sim_engine) == 0:  # Ctrl-C once the engine is busy with the bench's requests
+            assert bench.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        bench.send_signal(signal.SIGINT)
+        _, err = bench.communicate(timeout=20)
+    finally:
+        if bench.poll() is None:
+            os.kill(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 130, err
+    results = _results(out)
+    assert results["interrupted"] is True
+    assert results["unfinished"] > 0 and results["failed"] == 0  # cut-off requests are not failures
+    assert results["energy_source"] == "unavailable" and results["tokens_per_joule"] is None
+    report = _check_outputs(out, results)
+    assert "Interrupted" in report and "unavailable" in report

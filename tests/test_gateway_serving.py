@@ -74,12 +74,12 @@ def test_requests_spread_over_both_workers(sim_fleet, sdk):
 
 
 def test_client_disconnect_frees_the_slot(sim_fleet):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "think long"}], "max_tokens": 5000, "ignore_eos": True, "stream": True}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "think long"}], "max_tokens": 20000, "ignore_eos": True, "stream": True}
     with sim_fleet.client as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
-        for _ in r.iter_lines():
-            break
-        busy = sum(w["reserved_requests"] for w in sim_fleet.workers())
-        assert busy == 1
+        lines = r.iter_lines()  # keep the iterator: dropping it closes the connection
+        next(lines)
+        busy = [w for w in sim_fleet.workers() if w["reserved_requests"] == 1]
+        assert len(busy) == 1, "the stream holds a reservation while it runs"
     # Leaving the stream closes the connection: the reservation and the engine's slot free up.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

@@ -86,6 +86,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AgentError("give exactly one of --engine vllm|sim or --engine-url URL")
     if args.engine_url and not args.engine_url.startswith(("http://", "https://")):
         raise AgentError(f"--engine-url must be an http(s) URL, got {args.engine_url!r}")
+    if args.engine_api_key and not args.engine_url:
+        raise AgentError("--engine-api-key is for --engine-url; launched engines get a fresh key of their own")
     if args.engine and not args.model:
         raise AgentError(f"--engine {args.engine} needs --model")
     if args.engine == "sim" and not args.gpu:
@@ -151,17 +153,28 @@ def engine_spec(args: argparse.Namespace) -> EngineSpec:
         if args.max_num_seqs is not None:
             argv += ["--max-num-seqs", str(args.max_num_seqs)]
         return EngineSpec("sim", url, api_key, argv=argv, env=None, max_num_seqs=args.max_num_seqs)
-    from workers.vllm_launch import vllm_command
+    from workers.vllm_launch import vllm_command, vllm_missing_reason
 
+    missing = vllm_missing_reason()
+    if missing:
+        raise AgentError(f"--engine vllm: {missing}")
     extra = list(args.engine_args)
     max_num_seqs = args.max_num_seqs
     given = _engine_flag_value(extra, "--max-num-seqs")
     if given is not None:
+        if not given.isdigit():
+            raise AgentError(f"vLLM's --max-num-seqs must be a number, got {given!r}")
         max_num_seqs = int(given)
     elif max_num_seqs is not None:
         extra += ["--max-num-seqs", str(max_num_seqs)]
-    argv, env = vllm_command(args.model, args.host, port, api_key, extra)
+    argv, env_additions = vllm_command(args.model, args.host, port, api_key, extra)
+    env = {**os.environ, **env_additions}
     return EngineSpec("vllm", url, api_key, argv=argv, env=env, max_num_seqs=max_num_seqs)
+
+
+def _problem(exc: Exception) -> str:
+    """An exception as a short phrase; some httpx errors have an empty message."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -186,6 +199,7 @@ class Agent:
         self.credential: str | None = None
         self.heartbeat_interval = args.heartbeat_interval
         self.energy_reader: nvml.GpuEnergyReader | None = None
+        self._metrics_failing = False
         headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
         self.engine_http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(5.0, connect=2.0))
         self.gateway_http = httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0))
@@ -213,6 +227,12 @@ class Agent:
 
     async def describe_engine(self) -> dict:
         """What enrollment needs to know: served model, capacity, speed profile."""
+        try:
+            return await self._describe_engine()
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise AgentError(f"engine at {self.spec.url} did not describe itself: {_problem(exc)}") from None
+
+    async def _describe_engine(self) -> dict:
         response = await self.engine_http.get(f"{self.spec.url}/v1/models")
         if response.status_code != 200:
             raise AgentError(f"engine {self.spec.url}/v1/models answered {response.status_code}: {_error_text(response)}")
@@ -250,10 +270,17 @@ class Agent:
         try:
             response = await self.engine_http.get(f"{self.spec.url}/metrics", timeout=2.0)
             response.raise_for_status()
-            return parse_metrics(response.text)
+            metrics = parse_metrics(response.text)
         except (httpx.HTTPError, ValueError) as exc:
-            log.warning("cannot read engine metrics at %s/metrics: %s", self.spec.url, exc or type(exc).__name__)
+            if not self._metrics_failing:
+                log.warning("cannot read engine metrics at %s/metrics (%s); no heartbeats until it answers",
+                            self.spec.url, _problem(exc))
+            self._metrics_failing = True
             return None
+        if self._metrics_failing:
+            log.info("engine metrics readable again")
+            self._metrics_failing = False
+        return metrics
 
     def energy(self, metrics: EngineMetrics) -> tuple[float | None, float | None, str | None]:
         """(power W, energy J, source): the GPU's meter, the simulator's model, or unknown."""
@@ -297,11 +324,15 @@ class Agent:
             try:
                 response = await self.gateway_http.post(f"{self.gateway}/control/enroll", json=body)
             except httpx.HTTPError as exc:
-                problem = f"gateway {self.gateway} unreachable ({type(exc).__name__}: {exc})"
+                problem = f"gateway {self.gateway} unreachable ({_problem(exc)})"
             else:
                 if response.status_code == 200:
-                    reply = response.json()
-                    self.worker_id, self.credential = reply["worker_id"], reply["credential"]
+                    try:
+                        reply = response.json()
+                        self.worker_id, self.credential = reply["worker_id"], reply["credential"]
+                    except (ValueError, KeyError, TypeError):
+                        raise AgentError(f"{self.gateway}/control/enroll answered 200 but not with a worker id "
+                                         f"and credential; is that an idlegrid gateway?") from None
                     gateway_interval = reply.get("heartbeat_interval_s")
                     if gateway_interval:
                         self.heartbeat_interval = min(self.heartbeat_interval, float(gateway_interval))
@@ -334,13 +365,16 @@ class Agent:
             raise Revoked(f"worker {self.worker_id} was revoked by the gateway: {_error_text(response)}")
         if response.status_code != 200:
             raise AgentError(f"heartbeat answered {response.status_code}: {_error_text(response)}")
-        return response.json().get("command")
+        try:
+            return response.json().get("command")
+        except (ValueError, AttributeError):
+            raise AgentError(f"heartbeat answered 200 with a body that is not a JSON object: {response.text[:100]!r}") from None
 
     async def deregister(self) -> None:
         try:
             response = await self.gateway_http.post(f"{self.gateway}/control/deregister", headers=self._auth(), timeout=5.0)
         except httpx.HTTPError as exc:
-            log.warning("could not deregister from %s (%s); the gateway will see the worker go silent", self.gateway, exc)
+            log.warning("could not deregister from %s (%s); the gateway will see the worker go silent", self.gateway, _problem(exc))
             return
         if response.status_code == 200:
             log.info("deregistered worker %s", self.worker_id)
@@ -382,7 +416,7 @@ class Agent:
                 except (httpx.HTTPError, AgentError) as exc:
                     if gateway_down_since is None:
                         gateway_down_since = tick
-                        log.warning("gateway %s unreachable (%s); engine keeps running, retrying", self.gateway, exc)
+                        log.warning("gateway %s unreachable (%s); engine keeps running, retrying", self.gateway, _problem(exc))
                     retry_delay = min(retry_delay * 2, 5.0)
                 else:
                     if gateway_down_since is not None:
@@ -450,12 +484,14 @@ class Agent:
                 if self.credential:
                     await self.deregister()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            await self.engine_http.aclose()
-            await self.gateway_http.aclose()
+            # Signals stay ours until the engine is gone, so a second Ctrl-C cannot
+            # kill the agent halfway and leave the engine behind.
             if self.engine is not None:
                 await asyncio.to_thread(self.engine.stop)
+            await self.engine_http.aclose()
+            await self.gateway_http.aclose()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
 
 def run(args: argparse.Namespace) -> int:

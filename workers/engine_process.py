@@ -34,6 +34,18 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _redacted(argv: list[str]) -> list[str]:
+    """argv fit for a log: the engine's API key is a secret."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i > 0 and argv[i - 1] == "--api-key":
+            arg = "***"
+        elif arg.startswith("--api-key="):
+            arg = "--api-key=***"
+        out.append(arg)
+    return out
+
+
 class EngineProcess:
     """One engine server process (the leader of its own process group)."""
 
@@ -57,7 +69,7 @@ class EngineProcess:
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
-        log.info("%s started: pid %d: %s", self.name, self.process.pid, " ".join(self.argv))
+        log.info("%s started: pid %d: %s", self.name, self.process.pid, " ".join(_redacted(self.argv)))
         return self
 
     def exit_code(self) -> int | None:

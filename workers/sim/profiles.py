@@ -7,11 +7,13 @@ the GPU draws while doing it.
 
 Sources
 -------
-GPUs (datasheets; "idle_w" is a typical nvidia-smi reading of an idle GPU and is
-an assumption, as is the host link rate used to move weights when sleeping):
+GPUs (datasheets; "idle_w" and the host link rate used to move weights when
+sleeping were measured on an H100 and are assumptions for the others):
 
 - H100 SXM5 80GB: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16, 700 W, 81,559 MiB
-  (NVIDIA H100 datasheet; DESIGN field notes).
+  (NVIDIA H100 datasheet; DESIGN field notes). Measured on one (torch 2.11,
+  CUDA 13, NVML energy counter): 75 W idle, 55 GB/s pinned host-to-device
+  copies (PCIe Gen5 x16), 3.0 TB/s device copies, 766 TFLOP/s bf16 GEMM.
 - H200 SXM 141GB: 4.8 TB/s HBM3e, 989 TFLOP/s dense bf16 (same Hopper die),
   700 W, 143,771 MiB (NVIDIA H200 datasheet; DESIGN field notes).
 - H20 96GB: 4.0 TB/s, ~148 TFLOP/s dense bf16, 400 W (DESIGN field notes).
@@ -36,20 +38,32 @@ Step times (a roofline with measured efficiencies):
 - decode step  = (weight bytes + KV bytes of every token attended) / (HBM
   bandwidth * 0.7)  +  2 * params * tokens in the step / (bf16 FLOP/s * 0.5)
   +  a small per-step overhead. DESIGN field notes: real engines reach 60-80% of
-  the memory roofline. Memory and compute time add (the kernels run one after
-  the other); with these factors a Llama-3.1-8B profile on an H100 gives 1,030 /
+  the memory roofline; a bare decode-shaped step (the 7B model's bf16 weight
+  matrices times one token per sequence, no attention) took 5.3 ms on the H100
+  above, 80% of it, and real steps add attention, norms and sampling. That bare
+  step overlaps compute with memory (6.4 ms at 256 sequences), but end-to-end
+  vLLM numbers fit the sum of the two terms, which is what this model uses: a
+  Llama-3.1-8B profile on an H100 gives 1,030 /
   4,940 / 10,040 tokens/s at 8 / 64 / 512 sequences of ~1k tokens against
   ML.ENERGY's measured 1,070 / 5,147 / 9,806, and 2.1 / 8.1 / 14.6 tokens/J
-  against their 2.2 / 8.4 / 14.3 (checked in tests/test_sim_engine.py).
+  against their 2.2 / 8.4 / 14.3; a Qwen3-8B profile with the KV cache full of
+  ~4k-token reasoning contexts gives 2,770 tokens/s and 4.4 tokens/J against
+  their 3,117 and 4.5 on GPQA (both checked in tests/test_sim_engine.py).
 - prefill is the same formula with many tokens in the step, so it is
   compute-bound: 2 * params * prompt tokens / (FLOP/s * 0.5).
 
 Power: ML.ENERGY measured an H100 serving Llama-3.1-8B at 486 / 610 / 688 W with
-8 / 64 / 512 sequences per step. As fractions of the idle-to-TDP range those are
-0.66 / 0.86 / 0.98, rising about linearly in log(batch); extending that line
-down gives 0.46 at one sequence. Every GPU uses the same curve over its own
-idle..max range, indexed by the tokens processed in a step (a prefill step of
-thousands of tokens runs near TDP).
+8 / 64 / 512 sequences per step: 0.66 / 0.86 / 0.98 of its 75-700 W range. At
+one sequence the bare decode step above drew 467 W (0.63): streaming the
+weights costs most of the power whatever the batch. Every GPU uses that curve
+(interpolated in log(batch)) over its own idle..max range, indexed by the
+tokens processed in a step, so a prefill step of thousands of tokens runs near
+TDP.
+
+Sleep: level 1 copies the weights to host memory and back over the host link
+(55 GB/s measured on the H100's PCIe Gen5; 25 GB/s assumed for Gen4 cards);
+level 2 drops them and wake-up reloads them from disk or page cache at an
+assumed 2 GB/s.
 
 Reasoning lengths: lognormal per model. The DESIGN field notes give ~7.8k mean
 output tokens for a reasoning model on hard questions (Qwen3-8B on GPQA);
@@ -79,7 +93,7 @@ DISK_LOAD_BYTES_PER_S = 2e9  # re-reading weights after sleep level 2 (page cach
 
 # Power curve: (sequences or tokens in a step, fraction of idle..max power).
 # Calibrated on ML.ENERGY's H100 points; see the module docstring.
-_POWER_CURVE = ((1, 0.463), (8, 0.660), (64, 0.857), (512, 0.981), (4096, 1.0))
+_POWER_CURVE = ((1, 0.627), (8, 0.658), (64, 0.856), (512, 0.981), (4096, 1.0))
 _POWER_LOGS = [math.log(b) for b, _ in _POWER_CURVE]
 
 
@@ -139,13 +153,13 @@ class ModelProfile:
 GPUS: dict[str, GpuProfile] = {
     g.id: g
     for g in (
-        GpuProfile("h100", "NVIDIA H100 SXM5 80GB", 3.35e12, 989e12, 81559 / 1024, 70, 700, 40e9),
-        GpuProfile("h200", "NVIDIA H200 SXM 141GB", 4.8e12, 989e12, 143771 / 1024, 75, 700, 40e9),
-        GpuProfile("h20", "NVIDIA H20 96GB", 4.0e12, 148e12, 97871 / 1024, 60, 400, 40e9),
-        GpuProfile("a800", "NVIDIA A800 SXM4 80GB", 2.039e12, 312e12, 81920 / 1024, 55, 400, 20e9),
-        GpuProfile("l40s", "NVIDIA L40S 48GB", 0.864e12, 362e12, 46068 / 1024, 35, 350, 20e9),
-        GpuProfile("910b", "Huawei Ascend 910B 64GB", 1.6e12, 313e12, 64.0, 90, 400, 20e9),
-        GpuProfile("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 1.008e12, 165.2e12, 24564 / 1024, 20, 450, 20e9),
+        GpuProfile("h100", "NVIDIA H100 SXM5 80GB", 3.35e12, 989e12, 81559 / 1024, 75, 700, 55e9),
+        GpuProfile("h200", "NVIDIA H200 SXM 141GB", 4.8e12, 989e12, 143771 / 1024, 75, 700, 55e9),
+        GpuProfile("h20", "NVIDIA H20 96GB", 4.0e12, 148e12, 97871 / 1024, 60, 400, 55e9),
+        GpuProfile("a800", "NVIDIA A800 SXM4 80GB", 2.039e12, 312e12, 81920 / 1024, 55, 400, 25e9),
+        GpuProfile("l40s", "NVIDIA L40S 48GB", 0.864e12, 362e12, 46068 / 1024, 35, 350, 25e9),
+        GpuProfile("910b", "Huawei Ascend 910B 64GB", 1.6e12, 313e12, 64.0, 90, 400, 25e9),
+        GpuProfile("rtx4090", "NVIDIA GeForce RTX 4090 24GB", 1.008e12, 165.2e12, 24564 / 1024, 20, 450, 25e9),
     )
 }
 

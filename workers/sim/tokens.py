@@ -215,15 +215,21 @@ def _lognormal(key: int, stream: int, mu: float, sigma: float, low: int, high: i
     return max(low, min(high, round(math.exp(mu + sigma * z))))
 
 
+_WORD_SET = frozenset(_WORD_IDS) | frozenset(_STARTER_IDS)
+_NEW_TURN, _REASONING, _ANSWER = 0, 1, 2  # phases: before <think>, inside it, after </think>
+
+
 class SequenceState:
     """What the next token depends on, kept current one token at a time.
 
-    `next_token()` is a pure function of (seed, every token fed so far).
+    `next_token()` is a pure function of (seed, every token fed so far): the
+    phase and its start come from the last `<think>`, `</think>` or end of
+    sentence; block lengths from the hash of everything up to `<think>`.
     """
 
     __slots__ = (
         "lengths", "seed", "n", "rolling", "prev1", "prev2", "prev3",
-        "open_pos", "close_pos", "eos_pos", "reasoning_len", "answer_len",
+        "phase", "phase_start", "reasoning_len", "answer_len",
     )
 
     def __init__(self, lengths: LengthDistribution, seed: int, tokens: Iterable[int] = ()) -> None:
@@ -232,40 +238,40 @@ class SequenceState:
         self.n = 0
         self.rolling = self.seed
         self.prev1 = self.prev2 = self.prev3 = -1
-        self.open_pos = self.close_pos = self.eos_pos = -1
+        self.phase = _NEW_TURN  # no marker yet: a raw prompt starts by thinking
+        self.phase_start = 0
         self.reasoning_len = self.answer_len = 0
         for token in tokens:
             self.feed(token)
 
     def feed(self, token: int) -> None:
-        self.rolling = _mix(self.rolling ^ (token + 0x100000001))
+        self.rolling = ((self.rolling ^ token) * 0x100000001B3) & _MASK  # FNV-style; draw() mixes it
         if token == THINK:
-            self.open_pos = self.n
+            self.phase, self.phase_start = _REASONING, self.n
             # The block's lengths hang off everything up to and including <think>.
             self.reasoning_len, self.answer_len = self.lengths.draw(self.rolling)
         elif token == END_THINK:
-            self.close_pos = self.n
+            self.phase, self.phase_start = _ANSWER, self.n
         elif token == EOS:
-            self.eos_pos = self.n
+            self.phase, self.phase_start = _NEW_TURN, self.n
         self.prev3, self.prev2, self.prev1 = self.prev2, self.prev1, token
         self.n += 1
 
     def next_token(self) -> int:
-        last = max(self.open_pos, self.close_pos, self.eos_pos)
-        if last < 0 or last == self.eos_pos:
-            return THINK  # a fresh turn (or a raw prompt) starts by thinking
-        if last == self.open_pos:
-            done = self.n - self.open_pos - 1
+        phase = self.phase
+        if phase == _NEW_TURN:
+            return THINK
+        done = self.n - self.phase_start - 1  # tokens since the marker
+        if phase == _REASONING:
             if done >= self.reasoning_len:
                 return END_THINK
             return NEWLINE if done == 0 else self._word()
-        done = self.n - self.close_pos - 1
         if done >= self.answer_len:
             return EOS
         return PARAGRAPH if done == 0 else self._word()
 
     def _word(self) -> int:
-        h = _mix(self.seed ^ _mix(self.prev1 * 1000003 + self.prev2 * 7919 + self.prev3) ^ (self.n * 0x9E3779B1))
+        h = _mix(self.seed ^ (self.prev1 * 0xD6E8FEB86659FD93 + self.prev2 * 1000003 + self.prev3 * 7919 + self.n * 0x9E3779B1))
         roll = (h >> 40) % 100
         if self.prev1 == PERIOD and roll < 20:
             return PARAGRAPH
@@ -278,8 +284,6 @@ class SequenceState:
                 return COMMA
         return _WORD_IDS[h % len(_WORD_IDS)]
 
-
-_WORD_SET = frozenset(_WORD_IDS) | frozenset(_STARTER_IDS)
 
 
 def count_reasoning_tokens(token_ids: Sequence[int]) -> int:
