@@ -20,7 +20,7 @@ from starlette.routing import Route
 from gateway import admin, control, serving
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
-from gateway.errors import APIError, api_error_handler, http_exception_handler, unhandled_error_handler
+from gateway.errors import APIError, api_error_handler, http_exception_handler, redis_error_handler, unhandled_error_handler
 from gateway.fleet import GONE, READY
 from gateway.metrics import GatewayMetrics
 from gateway.policies import POLICIES, make_policy
@@ -150,7 +150,12 @@ def create_app(config: GatewayConfig) -> Starlette:
             *control.routes,
             *admin.routes,
         ],
-        exception_handlers={APIError: api_error_handler, HTTPException: http_exception_handler, Exception: unhandled_error_handler},
+        exception_handlers={
+            APIError: api_error_handler,
+            HTTPException: http_exception_handler,
+            aioredis.RedisError: redis_error_handler,
+            Exception: unhandled_error_handler,
+        },
         lifespan=lifespan,
     )
     app.state.gateway = gateway

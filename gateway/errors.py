@@ -72,3 +72,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> JSONRespon
 async def unhandled_error_handler(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to our log (Starlette logs it); the client gets a clean 500.
     return APIError(500, "internal error in the gateway", code="internal_error").response()
+
+
+async def redis_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Redis down or restarting: callers get a clean 503 and retry, never a hang."""
+    return APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"}).response()

@@ -100,6 +100,8 @@ for i = 1, #ARGV, 2 do
 end
 redis.call('HSET', KEYS[1], 'last_heartbeat', tostring(now))
 local r = redis.call('HMGET', KEYS[1], 'state', 'command')
+-- A command (drain, wake, stop) is delivered once, with this heartbeat's reply.
+redis.call('HDEL', KEYS[1], 'command')
 return {r[1] or '', r[2] or ''}
 """
 
