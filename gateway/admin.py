@@ -4,6 +4,7 @@ and the fleet. Every call needs the admin token."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 from typing import Any
 
@@ -11,9 +12,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway import keys, qualify
 from gateway.errors import APIError
 from gateway.fleet import DRAINING, Worker
+from gateway.registry import hash_secret
 
+# The engine's API key is for gateways only; credentials are never shown.
 _HIDDEN = {"engine_api_key", "extra"}
 
 
@@ -38,14 +42,27 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
 def worker_json(w: Worker) -> dict[str, Any]:
     out = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.name not in _HIDDEN}
     out["queue_depth"] = w.queue_depth
-    out["credential_hash"] = None
-    out.pop("credential_hash")
-    for key in ("qualification", "cordoned", "command"):
+    for key in ("cordoned", "command", "reported_state"):
         if key in w.extra:
             out[key] = w.extra[key]
+    try:
+        out["qualification"] = json.loads(w.extra["qualification"]) if w.extra.get("qualification") else None
+    except ValueError:
+        out["qualification"] = None
+    out["qualified"] = w.extra.get("qualified") == "1"
+    out["flagged"] = w.extra.get("flagged") == "1"
+    out["reclaim_seconds"] = _number(w.extra.get("reclaim_seconds"))
+    out["wake_seconds"] = _number(w.extra.get("wake_seconds"))
     return out
 
 
@@ -81,6 +98,28 @@ async def create_enroll_token(request: Request) -> JSONResponse:
     return JSONResponse({"token": token, "center": center, "ttl_s": ttl_s, "uses": uses}, status_code=201)
 
 
+# Flags a token as revoked; REDEEM_ENROLL_TOKEN (gateway.registry) then refuses it.
+_REVOKE_ENROLL_TOKEN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'revoked', '1')
+return 1
+"""
+
+
+async def revoke_enroll_token(request: Request) -> JSONResponse:
+    """Void an enrollment token before it expires or is used up (a leaked token)."""
+    _check_admin(request)
+    body = await _body(request)
+    token = body.get("token")
+    if not isinstance(token, str) or not token:
+        raise APIError(400, "give the enrollment token to revoke as 'token'", param="token")
+    redis = request.app.state.gateway.registry.redis
+    if not await redis.eval(_REVOKE_ENROLL_TOKEN, 1, keys.enroll_token(hash_secret(token))):
+        raise APIError(404, "no such enrollment token (or it expired long ago)", code="enroll_token_not_found")
+    request.app.state.gateway.log.info("admin: revoked an enrollment token")
+    return JSONResponse({"revoked": True})
+
+
 async def worker_action(request: Request) -> JSONResponse:
     _check_admin(request)
     gw = request.app.state.gateway
@@ -94,8 +133,13 @@ async def worker_action(request: Request) -> JSONResponse:
     elif action == "wake":
         await gw.registry.update(worker_id, cordoned="0", command="wake")
     elif action == "revoke":
+        # Credential first: from this instant its heartbeats get 401; then the record
+        # goes, so no gateway places new work on it.
         await gw.registry.revoke_credential(worker_id)
         await gw.registry.remove(worker_id)
+    elif action == "clear":
+        # An operator vouches for a worker the qualification probe flagged.
+        await qualify.clear(gw.redis, worker_id)
     else:
         raise APIError(404, f"unknown action '{action}'")
     gw.log.info("admin: %s %s", action, worker_id)
@@ -106,5 +150,6 @@ routes = [
     Route("/admin/workers", list_workers, methods=["GET"]),
     Route("/admin/keys", create_key, methods=["POST"]),
     Route("/admin/enroll-tokens", create_enroll_token, methods=["POST"]),
+    Route("/admin/enroll-tokens/revoke", revoke_enroll_token, methods=["POST"]),
     Route("/admin/workers/{worker_id}/{action}", worker_action, methods=["POST"]),
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -24,17 +25,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--center", default="", help="the only center the token enrolls into (default: any)")
     t.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default 3600)")
     t.add_argument("--uses", type=int, default=1, help="how many workers may use it (default 1)")
-    for action, help_text in (("drain", "stop sending work to a worker and hand its GPU back"), ("wake", "return a drained worker to service"), ("revoke", "take a worker out at once and void its credential")):
+    r = sub.add_parser("revoke-enroll-token", help="void an enrollment token before it expires or is used up")
+    r.add_argument("token")
+    worker_actions = (
+        ("drain", "stop sending work to a worker and hand its GPU back"),
+        ("wake", "return a drained worker to service"),
+        ("revoke", "take a worker out at once and void its credential"),
+        ("clear", "let a worker the qualification probe flagged serve anyway"),
+    )
+    for action, help_text in worker_actions:
         a = sub.add_parser(action, help=help_text)
         a.add_argument("worker_id")
 
 
-def run(args: argparse.Namespace) -> int:
-    from gateway.cli import UserError
+class AdminError(Exception):
+    """A problem the operator can fix; printed as one line, exit status 2."""
 
+
+def run(args: argparse.Namespace) -> int:
+    # Printed here rather than by gateway.cli: under `python -m gateway.cli` that module
+    # is __main__, and its UserError is not the class an import of it would raise.
+    try:
+        return _run(args)
+    except AdminError as exc:
+        print(f"idlegrid admin: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no request log around the answer
     token = os.environ.get("IDLEGRID_ADMIN_TOKEN")
     if not token:
-        raise UserError("set IDLEGRID_ADMIN_TOKEN to the gateway's admin token")
+        raise AdminError("set IDLEGRID_ADMIN_TOKEN to the gateway's admin token")
     client = httpx.Client(base_url=args.gateway, headers={"Authorization": f"Bearer {token}"}, timeout=10)
     try:
         if args.action == "workers":
@@ -44,16 +66,18 @@ def run(args: argparse.Namespace) -> int:
             r = client.post("/admin/keys", json={"name": args.name, "policy": args.policy, "allowed_centers": centers})
         elif args.action == "create-enroll-token":
             r = client.post("/admin/enroll-tokens", json={"center": args.center, "ttl_s": args.ttl, "uses": args.uses})
+        elif args.action == "revoke-enroll-token":
+            r = client.post("/admin/enroll-tokens/revoke", json={"token": args.token})
         else:
             r = client.post(f"/admin/workers/{args.worker_id}/{args.action}")
     except httpx.HTTPError as exc:
-        raise UserError(f"cannot reach the gateway at {args.gateway}: {exc}") from None
+        raise AdminError(f"cannot reach the gateway at {args.gateway}: {exc}") from None
     if r.status_code >= 400:
         try:
             message = r.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = r.text
-        raise UserError(f"gateway answered {r.status_code}: {message}")
+        raise AdminError(f"gateway answered {r.status_code}: {message}")
     data = r.json()
     if args.action == "workers" and not args.json:
         _print_workers(data["workers"])
@@ -66,11 +90,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qualification(w: dict) -> str:
+    """One word for the qualification probe's verdict, with the TPOT it measured."""
+    q = w.get("qualification") or {}
+    status = q.get("status") or ("qualifying" if w["state"] == "starting" else "-")
+    return f"{status} {q['tpot_ms']:.2f}ms" if q.get("tpot_ms") is not None else status
+
+
 def _print_workers(workers: list[dict]) -> None:
-    header = f"{'ID':<16} {'CENTER':<8} {'GPU':<8} {'MODEL':<32} {'STATE':<9} {'LOAD':>9} {'ENGINE':<28} PID"
+    header = f"{'ID':<16} {'CENTER':<8} {'GPU':<8} {'MODEL':<32} {'STATE':<9} {'LOAD':>9} {'QUALIFICATION':<18} {'ENGINE':<28} PID"
     print(header)
     for w in workers:
         load = f"{w['reserved_requests']}/{w['max_num_seqs']}"
-        print(f"{w['id']:<16} {w['center']:<8} {w['gpu']:<8} {w['model'][:32]:<32} {w['state']:<9} {load:>9} {w['engine_url']:<28} {w.get('engine_pid') or '-'}")
+        print(f"{w['id']:<16} {w['center']:<8} {w['gpu']:<8} {w['model'][:32]:<32} {w['state']:<9} {load:>9} "
+              f"{_qualification(w):<18} {w['engine_url']:<28} {w.get('engine_pid') or '-'}")
     if not workers:
         print("(no workers)", file=sys.stderr)

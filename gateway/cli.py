@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from gateway.errors import UserError
+
 # subcommand -> (module, help)
 SUBCOMMANDS = {
     "up": ("gateway.up", "run everything on this machine: private Redis, gateway, a local fleet"),
@@ -21,10 +23,6 @@ SUBCOMMANDS = {
     "admin": ("gateway.admin_cli", "manage keys, enrollment tokens and workers through a gateway"),
     "bench": ("benchmarks.cli", "measure latency, goodput, tokens/s and tokens/J of an endpoint"),
 }
-
-
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway import qualify
 from gateway.errors import APIError
 from gateway.fleet import DRAINING, READY, SLEEPING, STARTING, Worker
 
@@ -44,15 +45,21 @@ class Heartbeat(BaseModel):
     power_w: float | None = None
     energy_j: float | None = None
     energy_source: str | None = None
+    # The agent's last reclaim and wake timings (signal to GPU memory freed; wake to serving).
+    reclaim_seconds: float | None = Field(default=None, ge=0)
+    wake_seconds: float | None = Field(default=None, ge=0)
 
+
+# Kept from the last heartbeat that had them, not blanked by one that does not.
+_STICKY = {"reclaim_seconds", "wake_seconds"}
 
 _REPORTABLE_STATES = {STARTING, READY, DRAINING, SLEEPING}
 _REFUSALS = {
-    "unknown": "enrollment token is not valid",
-    "expired": "enrollment token has expired",
-    "wrong_center": "enrollment token is for another center",
-    "used_up": "enrollment token has been used up",
-    "revoked": "enrollment token was revoked",
+    "unknown": "enrollment token is not valid; ask an operator for one (`idlegrid admin create-enroll-token`)",
+    "expired": "enrollment token has expired; ask an operator for a new one",
+    "wrong_center": "enrollment token is for another center than the one this worker gave",
+    "used_up": "enrollment token has been used as many times as it allows",
+    "revoked": "enrollment token was revoked by an operator",
 }
 
 
@@ -106,9 +113,14 @@ async def heartbeat(request: Request) -> JSONResponse:
     gw = request.app.state.gateway
     worker_id = await _worker_id(request)
     beat: Heartbeat = await _json(request, Heartbeat)
-    fields = beat.model_dump(exclude={"state"})
+    # Only the Heartbeat model's fields are stored, and only in the caller's own record:
+    # a worker cannot name another worker, nor set its own qualification or cordon.
+    fields = beat.model_dump(exclude={"state", *_STICKY})
+    fields.update({name: getattr(beat, name) for name in _STICKY if getattr(beat, name) is not None})
     if beat.state in _REPORTABLE_STATES:
-        fields["state"] = beat.state
+        fields["reported_state"] = beat.state
+        # A worker that says it is ready gets traffic only once it has qualified.
+        fields["state"] = await qualify.gate(gw, worker_id, beat.state)
     result = await gw.registry.heartbeat(worker_id, fields)
     if result is None:
         raise APIError(401, "worker is not registered", code="invalid_credential")

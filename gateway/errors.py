@@ -26,6 +26,12 @@ _TYPES = {
 }
 
 
+class UserError(Exception):
+    """A command-line problem the user can fix (bad flag, bad config, port in use);
+    `idlegrid` prints it as one line and exits 2. It lives here, not in gateway.cli,
+    because under `python -m gateway.cli` that module is `__main__`."""
+
+
 class APIError(Exception):
     def __init__(
         self,

@@ -25,6 +25,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.embedded_redis import EmbeddedRedis, RedisNotFound
+from gateway.errors import UserError
 from gateway.fleet import READY
 from gateway.fleet_file import Fleet, FleetFileError, WorkerGroup, load_fleet
 from gateway.policies import POLICIES
@@ -64,8 +65,6 @@ def _gpu_count() -> int:
 
 
 def plan_fleet(args: argparse.Namespace) -> Fleet:
-    from gateway.cli import UserError
-
     if args.fleet:
         try:
             return load_fleet(args.fleet)
@@ -124,8 +123,6 @@ class Up:
             await self._shutdown()
 
     async def _serve(self) -> int:
-        from gateway.cli import UserError
-
         args = self.args
         if not _port_free(args.host, args.port):
             raise UserError(f"port {args.port} on {args.host} is already in use (choose another with --port)")
@@ -191,7 +188,8 @@ class Up:
         ]
         env = dict(os.environ)
         if group.engine == "sim":
-            cmd += ["--gpu", group.gpu, "--time-scale", str(self.args.time_scale), "--seed", str(n)]
+            # One seed for the fleet, like one set of weights: any worker continues any answer exactly.
+            cmd += ["--gpu", group.gpu, "--time-scale", str(self.args.time_scale), "--seed", "0"]
         else:
             env.setdefault("CUDA_VISIBLE_DEVICES", str(n))
             if self.args.engine_args:

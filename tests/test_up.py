@@ -1,0 +1,121 @@
+"""`idlegrid up`: one command gives a working endpoint over a simulated fleet,
+and Ctrl-C/SIGTERM leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from gateway.embedded_redis import free_port
+from gateway.fleet_file import FleetFileError, parse_fleet
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--time-scale", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    out: list[str] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out.append(line)
+            if line.startswith("fleet ready"):
+                break
+        text = "".join(out)
+        assert "fleet ready: 3/3" in text, text
+        base_url = re.search(r"OpenAI base URL: (\S+)", text).group(1)
+        api_key = re.search(r"API key:\s+(\S+)", text).group(1)
+        admin_token = re.search(r"Admin token:\s+(\S+)", text).group(1)
+        assert "SIMULATED" in text, "a simulated fleet says so"
+
+        client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+        reply = client.chat.completions.create(model="deepseek-r1-distill-qwen-1.5b", messages=[{"role": "user", "content": "hello"}], max_tokens=20)
+        assert reply.usage.completion_tokens > 0
+        workers = httpx.get(base_url.removesuffix("/v1") + "/admin/workers", headers={"Authorization": f"Bearer {admin_token}"}).json()["workers"]
+        assert len(workers) == 3 and {w["center"] for w in workers} == {"dc-a", "dc-b"}
+        engine_pids = [w["engine_pid"] for w in workers]
+        redis_url = re.search(r"Redis:\s+(\S+)", text).group(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    assert rc == 0
+    # Nothing left behind: engines, agents (children of up) and the private Redis.
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in engine_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in engine_pids)
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{redis_port}", timeout=1)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+def test_up_refuses_bad_flags_in_one_line(tmp_path):
+    for args, needle in [
+        (["--gpu", "h999"], "h999"),
+        (["--workers", "0"], "--workers"),
+        (["--fleet", str(tmp_path / "missing.toml")], "not found"),
+    ]:
+        r = subprocess.run([sys.executable, "-m", "gateway.cli", "up", "--state-dir", str(tmp_path / "s"), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "fleet, needle",
+    [
+        ({"workers": [{"center": "a", "gpu": "h100", "model": "deepseek-r1-distill-qwen-7b", "count": 0}]}, "workers[0].count"),
+        ({"workers": [{"center": "a", "gpu": "h100", "model": "deepseek-r1-distill-qwen-7b"}, {"center": "b", "gpu": "v100", "model": "deepseek-r1-distill-qwen-7b"}]}, "workers[1].gpu"),
+        ({"workers": [{"gpu": "h100", "model": "deepseek-r1-distill-qwen-7b"}]}, "workers[0].center"),
+        ({"workers": [{"center": "a", "gpu": "h100", "model": "llama-9000"}]}, "workers[0].model"),
+        ({"workers": [{"center": "a", "gpu": "h100", "model": "deepseek-r1-distill-qwen-7b", "cuont": 2}]}, "'cuont'"),
+        ({"workers": [{"center": "a", "gpu": "h100", "model": "deepseek-r1-distill-qwen-7b"}], "centers": {"a": {"b": -3}}}, "centers.a.b"),
+        ({}, "[[workers]]"),
+    ],
+)
+def test_fleet_file_errors_name_the_bad_entry(fleet, needle):
+    with pytest.raises(FleetFileError) as err:
+        parse_fleet(fleet, "fleet.toml")
+    assert needle in str(err.value)
+
+
+def test_fleet_file_with_centers(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        '[[workers]]\ncenter = "east"\ngpu = "h100"\nmodel = "deepseek-r1-distill-qwen-7b"\ncount = 4\n\n'
+        '[[workers]]\ncenter = "west"\ngpu = "h20"\nmodel = "deepseek-r1-distill-qwen-7b"\ncount = 8\n\n'
+        '[centers.east]\nwest = 35\n'
+    )
+    from gateway.fleet_file import load_fleet
+
+    fleet = load_fleet(path)
+    assert fleet.size == 12 and fleet.centers == ["east", "west"]
+    assert fleet.rtt("west", "east") == 35 and fleet.rtt("east", "east") == 0
