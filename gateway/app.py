@@ -20,6 +20,7 @@ from starlette.routing import Route
 from gateway import admin, control, serving
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
+from gateway.estimates import AnswerStats
 from gateway.errors import APIError, api_error_handler, http_exception_handler, redis_error_handler, unhandled_error_handler
 from gateway.fleet import GONE, READY
 from gateway.metrics import GatewayMetrics
@@ -47,7 +48,16 @@ class Gateway:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
         )
         self.dispatcher = Dispatcher(config, self.registry, self.http, self.metrics, {name: make_policy(name) for name in POLICIES})
+        self.stats = AnswerStats(self.redis)
         self._keys: dict[str, tuple[float, dict[str, str] | None]] = {}
+        self._background: set[asyncio.Task] = set()
+
+    def background(self, coro) -> None:
+        """Run bookkeeping off the request's path; its failure never reaches a client."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def authenticate(self, request: Request) -> dict[str, str]:
         auth = request.headers.get("authorization", "")
@@ -67,11 +77,16 @@ class Gateway:
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
         return tenant
 
-    async def renew_leases_forever(self) -> None:
+    async def housekeeping_forever(self) -> None:
+        """Renew this gateway's reservation leases and refresh shared estimates."""
+        last_renew = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.reservation_lease_s / 3)
+            await asyncio.sleep(1.0)
             with contextlib.suppress(Exception):
-                await self.dispatcher.renew_leases()
+                await self.stats.refresh()
+                if time.monotonic() - last_renew > self.config.reservation_lease_s / 3:
+                    await self.dispatcher.renew_leases()
+                    last_renew = time.monotonic()
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -132,7 +147,7 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        renewer = asyncio.create_task(gateway.renew_leases_forever())
+        renewer = asyncio.create_task(gateway.housekeeping_forever())
         try:
             yield
         finally:

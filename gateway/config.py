@@ -27,3 +27,5 @@ class GatewayConfig:
     default_output_tokens: int = 4096
     # How long a request may wait for room before a 429.
     queue_timeout_s: float = 30.0
+    # Probe each newly enrolled worker (answers? how fast?) before it gets traffic.
+    qualify: bool = True

@@ -125,6 +125,8 @@ async def heartbeat(request: Request) -> JSONResponse:
     if result is None:
         raise APIError(401, "worker is not registered", code="invalid_credential")
     state, command = result
+    if beat.state == READY and state == STARTING and await qualify.admit_if_qualified(gw.redis, worker_id):
+        state = READY  # its probe passed while this heartbeat was on its way
     return JSONResponse({"state": state, "command": command or None})
 
 

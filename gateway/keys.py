@@ -41,3 +41,5 @@ def queue_owners(model: str) -> str:
 
 
 QUEUE_DEPTH = f"{PREFIX}:queue_depth"  # HASH "model|center" -> waiting requests
+
+MODEL_STATS = f"{PREFIX}:model_stats"  # HASH "<model>:output_tokens" -> running mean

@@ -49,7 +49,7 @@ LOCK_TTL_S = 10.0  # a dead gateway's probe is taken over this long after it die
 @dataclass(frozen=True)
 class ProbeSettings:
     batch_sizes: tuple[int, ...] = (1, 4, 8)
-    max_tokens: int = 16
+    max_tokens: int = 32
     timeout_s: float = 60.0  # the whole probe; a hung engine is flagged after this
     slow_factor: float = 3.0  # flag when measured TPOT > slow_factor × declared tpot_base_ms
 
@@ -148,6 +148,12 @@ async def _one_stream(client: httpx.AsyncClient, worker: Worker, max_tokens: int
     return StreamTiming(first - started, tpot, tokens, int(usage.get("prompt_tokens") or 0))
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 async def _batch(client: httpx.AsyncClient, worker: Worker, size: int, max_tokens: int) -> tuple[dict[str, Any], list[StreamTiming]]:
     started = time.perf_counter()
     streams = await asyncio.gather(*(_one_stream(client, worker, max_tokens) for _ in range(size)))
@@ -156,7 +162,7 @@ async def _batch(client: httpx.AsyncClient, worker: Worker, size: int, max_token
     summary = {
         "batch": size,
         "ttft_ms": round(1000 * sum(s.ttft_s for s in streams) / size, 3),
-        "tpot_ms": round(1000 * sum(tpots) / len(tpots), 4) if tpots else None,
+        "tpot_ms": round(1000 * _median(tpots), 4) if tpots else None,
         "tokens_per_s": round(sum(s.tokens for s in streams) / wall, 1),
     }
     return summary, streams
@@ -194,6 +200,8 @@ async def probe(worker: Worker, settings: ProbeSettings) -> dict[str, Any]:
         result["reason"] = f"probe failed: no complete answer within {settings.timeout_s:g} s"
     except httpx.HTTPError as exc:
         result["reason"] = f"probe failed: engine at {worker.engine_url} unreachable ({type(exc).__name__}: {exc})"
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        result["reason"] = f"probe failed: engine's answer is not vLLM's OpenAI format ({type(exc).__name__}: {exc})"
     else:
         result.update(measured)
         result.update(_verdict(worker, measured, settings))
@@ -206,23 +214,21 @@ async def _measure(client: httpx.AsyncClient, worker: Worker, settings: ProbeSet
     # The first request pays one-off costs (connection, kernels, caches): not measured.
     await _one_stream(client, worker, settings.max_tokens)
     batches: list[dict[str, Any]] = []
-    best_tpot: float | None = None
+    tpots: list[float] = []
     points: list[tuple[float, float]] = []
     for size in settings.batch_sizes:
         summary, streams = await _batch(client, worker, size, settings.max_tokens)
         batches.append(summary)
-        for s in streams:
-            if s.tpot_s is not None:
-                best_tpot = s.tpot_s if best_tpot is None else min(best_tpot, s.tpot_s)
+        tpots += [s.tpot_s for s in streams if s.tpot_s is not None]
         if summary["tpot_ms"] is not None:
             # Over the decode, each stream holds its prompt plus half its answer on average.
             kv_tokens = sum(s.prompt_tokens + s.tokens / 2 for s in streams)
             points.append((kv_tokens, summary["tpot_ms"]))
-    first = batches[0]
     out: dict[str, Any] = {
-        "ttft_ms": first["ttft_ms"],
-        "tpot_ms": first["tpot_ms"],
-        "best_tpot_ms": round(best_tpot * 1000, 4) if best_tpot is not None else None,
+        "ttft_ms": batches[0]["ttft_ms"],
+        # The median over every probe stream: one stall on a busy host, or one burst of
+        # tokens an engine sends at once after a stall, does not decide the verdict.
+        "tpot_ms": round(1000 * _median(tpots), 4) if tpots else None,
         "tokens_per_s": max(b["tokens_per_s"] for b in batches),
         "batches": batches,
         "max_tokens": settings.max_tokens,
@@ -234,12 +240,11 @@ async def _measure(client: httpx.AsyncClient, worker: Worker, settings: ProbeSet
 
 
 def _verdict(worker: Worker, measured: dict[str, Any], settings: ProbeSettings) -> dict[str, str]:
-    declared, best = worker.tpot_base_ms, measured.get("best_tpot_ms")
-    # The fastest stream seen is compared, so one stall on a busy host does not flag a good GPU.
-    if declared and best is not None and best > settings.slow_factor * declared:
+    declared, tpot = worker.tpot_base_ms, measured.get("tpot_ms")
+    if declared and tpot is not None and tpot > settings.slow_factor * declared:
         return {
             "status": FLAGGED,
-            "reason": (f"decodes at {best:.2f} ms/token at best, {best / declared:.1f}x slower than the "
+            "reason": (f"decodes at {tpot:.2f} ms/token, {tpot / declared:.1f}x slower than the "
                        f"{declared:.2f} ms/token its GPU profile declares (limit {settings.slow_factor:g}x)"),
         }
     sizes = ",".join(str(b["batch"]) for b in measured["batches"])
@@ -248,9 +253,20 @@ def _verdict(worker: Worker, measured: dict[str, Any], settings: ProbeSettings) 
 
 # -- storing -------------------------------------------------------------------
 
-# A verdict lands in the worker's hash, and a worker that passed (or was cleared)
-# and says it is ready becomes ready. A worker revoked meanwhile is not brought
-# back, and a probe that ends after an operator cleared the worker does not undo it.
+# A worker that passed (or was cleared), says it is ready and is not cordoned
+# by an operator becomes ready.
+_ADMIT = """
+local w = redis.call('HMGET', KEYS[1], 'state', 'reported_state', 'cordoned', 'qualified')
+if w[1] == 'starting' and w[2] == 'ready' and w[3] ~= '1' and w[4] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'ready')
+  return 1
+end
+return 0
+"""
+
+# A verdict lands in the worker's hash, then the worker is admitted if it may be.
+# A worker revoked meanwhile is not brought back, and a probe that ends after an
+# operator cleared the worker does not undo the clear.
 STORE = """
 -- KEYS: worker hash; ARGV: outcome ('passed' | 'flagged' | 'cleared'), then field, value, ...
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -258,11 +274,9 @@ if ARGV[1] ~= 'cleared' and redis.call('HGET', KEYS[1], 'qualified') == '1' then
 for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
-if ARGV[1] ~= 'flagged' then
-  local w = redis.call('HMGET', KEYS[1], 'state', 'reported_state', 'cordoned')
-  if w[1] == 'starting' and w[2] == 'ready' and w[3] ~= '1' then
-    redis.call('HSET', KEYS[1], 'state', 'ready')
-  end
+local w = redis.call('HMGET', KEYS[1], 'state', 'reported_state', 'cordoned', 'qualified')
+if w[1] == 'starting' and w[2] == 'ready' and w[3] ~= '1' and w[4] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'ready')
 end
 return 1
 """
@@ -288,7 +302,7 @@ def record_fields(worker: Worker, result: dict[str, Any]) -> dict[str, str]:
     fit = result.get("fit")
     # A declared profile (simulated engines, operators who know their GPU) is kept;
     # otherwise the probe's fit is the scheduler's speed model.
-    if passed and fit and worker.tpot_base_ms is None:
+    if passed and fit and fit["tpot_base_ms"] > 0 and worker.tpot_base_ms is None:
         fields["tpot_base_ms"] = str(fit["tpot_base_ms"])
         fields["tpot_ms_per_1k_kv"] = str(fit["tpot_ms_per_1k_kv"])
     return fields
@@ -307,6 +321,13 @@ async def clear(redis: Redis, worker_id: str) -> bool:
 
 
 # -- the heartbeat hook ----------------------------------------------------------
+
+
+async def admit_if_qualified(redis: Redis, worker_id: str) -> bool:
+    """Ready for a worker whose probe passed while its heartbeat was being stored:
+    that heartbeat read "not qualified yet" and wrote `starting` over the probe's `ready`."""
+    return bool(await redis.eval(_ADMIT, 1, keys.worker(worker_id)))
+
 
 _running: set[asyncio.Task] = set()  # probes in flight, kept from the garbage collector
 
@@ -329,8 +350,8 @@ async def gate(gw: Any, worker_id: str, reported: str) -> str:
 
 async def start(gw: Any, worker_id: str) -> bool:
     """Probe `worker_id` in the background unless some gateway already is."""
-    token = secrets.token_hex(8)
-    if not await gw.redis.set(lock_key(worker_id), token, nx=True, px=int(LOCK_TTL_S * 1000)):
+    holder = secrets.token_hex(8)  # only for a person reading Redis: which probe holds it
+    if not await gw.redis.set(lock_key(worker_id), holder, nx=True, px=int(LOCK_TTL_S * 1000)):
         return False
     task = asyncio.create_task(_run(gw, worker_id))
     _running.add(task)

@@ -6,10 +6,16 @@ sent (prompt token ids, output token ids, where the reasoning ended), which is
 exactly what is needed to resume the answer on another engine if this one
 fails. `ClientStream` writes chunks in the client's own format (chat or
 completions), with one stable id, whichever engine produced them.
+
+This is the gateway's hot path: every token of every answer passes through
+here once. It works on bytes where it can (one split per network read, JSON
+encoded around a prefix serialised once per answer), and never holds the
+event loop for more than a few dozen events at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -22,6 +28,13 @@ _encode = msgspec.json.Encoder().encode
 
 THINK_END = "</think>"
 
+# An engine that has many events buffered (a burst, or a reader that fell
+# behind) would otherwise be relayed without a single suspension, starving
+# every other stream, Redis replies and heartbeats of this gateway.
+EVENTS_PER_TURN = 32
+
+_TEXT_KEYS = frozenset(("reasoning", "reasoning_content", "content"))
+
 
 class EngineFailed(Exception):
     """The engine stopped before finishing the answer (connection, 5xx, abort, timeout)."""
@@ -32,7 +45,7 @@ class EngineFailed(Exception):
         self.status = status
 
 
-@dataclass
+@dataclass(slots=True)
 class Piece:
     """One choice's step of output, normalized across chat and completions engines."""
 
@@ -45,7 +58,7 @@ class Piece:
     logprobs: Any = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Progress:
     """What one request has delivered so far, across every engine it ran on."""
 
@@ -81,18 +94,49 @@ class Progress:
             self.finish_reason = piece.finish_reason
 
 
+def _event_data(block: bytes) -> bytes | None:
+    """The data of one SSE event block (its `data:` lines joined), None if it has none."""
+    if block[:6] == b"data: " and b"\n" not in block:
+        return block[6:]  # what every engine sends: one data line
+    lines = [line[5:] for line in block.split(b"\n") if line[:5] == b"data:"]
+    if not lines:
+        return None  # a comment (": ping"), or only event/id/retry fields
+    return b"\n".join(line[1:] if line[:1] == b" " else line for line in lines)
+
+
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
-    """Decoded JSON payloads of an SSE stream, ending at `[DONE]`."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        event = _decode(data)
-        if "error" in event and "choices" not in event:
-            raise EngineFailed(f"engine error: {event['error']}", 502)
-        yield event
+    """Decoded JSON payloads of an SSE stream, ending at `[DONE]`.
+
+    A `data:` event with a top-level `error` (vLLM's way of saying its engine
+    died mid-stream) and a payload that is not JSON are engine failures.
+    """
+    tail = b""
+    turn = 0
+    async for data in response.aiter_bytes():
+        if tail:
+            data = tail + data
+        if b"\r" in data:  # SSE allows CRLF line ends; engines we know send LF
+            data = data.replace(b"\r\n", b"\n")
+        *blocks, tail = data.split(b"\n\n")
+        for block in blocks:
+            payload = _event_data(block)
+            if payload is None:
+                continue
+            if payload.strip() == b"[DONE]":
+                return
+            try:
+                event = _decode(payload)
+            except msgspec.DecodeError:
+                raise EngineFailed(f"engine sent an event that is not JSON: {payload[:100]!r}") from None
+            if type(event) is not dict:
+                raise EngineFailed(f"engine sent an event that is not a JSON object: {payload[:100]!r}")
+            if "error" in event and "choices" not in event:
+                raise EngineFailed(f"engine error: {event['error']}", 502)
+            yield event
+            turn += 1
+            if turn >= EVENTS_PER_TURN:
+                turn = 0
+                await asyncio.sleep(0)  # let other streams and Redis replies through
 
 
 class ThinkSplitter:
@@ -114,23 +158,18 @@ class ThinkSplitter:
 
 
 def pieces_from_chat(event: dict) -> list[Piece]:
+    """Pieces of a chat chunk; vLLM's `delta.reasoning` (or DeepSeek's
+    `reasoning_content`) becomes `Piece.reasoning`; other delta keys pass through."""
     out = []
     for choice in event.get("choices") or ():
-        delta = dict(choice.get("delta") or {})
-        reasoning = delta.pop("reasoning", None) or delta.pop("reasoning_content", None) or ""
-        delta.pop("reasoning_content", None)
-        content = delta.pop("content", None) or ""
-        out.append(
-            Piece(
-                index=choice.get("index", 0),
-                reasoning=reasoning,
-                content=content,
-                token_ids=choice.get("token_ids"),
-                finish_reason=choice.get("finish_reason"),
-                delta_extra=delta or None,
-                logprobs=choice.get("logprobs"),
-            )
-        )
+        delta = choice.get("delta") or {}
+        reasoning = delta.get("reasoning") or delta.get("reasoning_content") or ""
+        content = delta.get("content") or ""
+        extra = None
+        if not _TEXT_KEYS.issuperset(delta):
+            extra = {k: v for k, v in delta.items() if k not in _TEXT_KEYS}
+        out.append(Piece(choice.get("index", 0), reasoning, content, choice.get("token_ids"),
+                         choice.get("finish_reason"), extra, choice.get("logprobs")))
     return out
 
 
@@ -139,16 +178,8 @@ def pieces_from_completion(event: dict, splitter: ThinkSplitter | None) -> list[
     for choice in event.get("choices") or ():
         text = choice.get("text") or ""
         reasoning, content = splitter.split(text) if splitter else ("", text)
-        out.append(
-            Piece(
-                index=choice.get("index", 0),
-                reasoning=reasoning,
-                content=content,
-                token_ids=choice.get("token_ids"),
-                finish_reason=choice.get("finish_reason"),
-                logprobs=choice.get("logprobs"),
-            )
-        )
+        out.append(Piece(choice.get("index", 0), reasoning, content, choice.get("token_ids"),
+                         choice.get("finish_reason"), None, choice.get("logprobs")))
     return out
 
 
@@ -174,23 +205,14 @@ class ClientStream:
         self.created = int(time.time())
         self.include_usage = include_usage
         self.return_token_ids = return_token_ids
+        self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        head = _encode({"id": self.id, "object": self.object, "created": self.created, "model": self.model})
+        # `data: {"id":…,"model":…,"choices":[` — the bytes every chunk of this answer starts with.
+        self._prefix = b"data: " + head[:-1] + b',"choices":['
 
     def chunk(self, piece: Piece, prompt_token_ids: list[int] | None = None) -> dict:
-        if self.kind == "chat":
-            delta: dict[str, Any] = dict(piece.delta_extra or {})
-            if piece.reasoning:
-                delta["reasoning_content"] = piece.reasoning
-            if piece.content or not delta:
-                delta["content"] = piece.content
-            choice: dict[str, Any] = {"index": piece.index, "delta": delta, "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
-            obj = "chat.completion.chunk"
-        else:
-            # A completions client sees the raw text, reasoning tags and all.
-            choice = {"index": piece.index, "text": piece.reasoning + piece.content, "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
-            obj = "text_completion"
-        if self.return_token_ids and piece.token_ids is not None:
-            choice["token_ids"] = piece.token_ids
-        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        choice: dict[str, Any] = self._choice(piece)
+        out = {"id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [choice]}
         if self.return_token_ids and prompt_token_ids is not None:
             if self.kind == "chat":
                 out["prompt_token_ids"] = prompt_token_ids
@@ -198,13 +220,36 @@ class ClientStream:
                 choice["prompt_token_ids"] = prompt_token_ids
         return out
 
+    def event(self, piece: Piece, prompt_token_ids: list[int] | None = None) -> bytes:
+        """`sse(chunk(piece, prompt_token_ids))`, byte for byte, without building the chunk."""
+        choice = self._choice(piece)
+        if self.return_token_ids and prompt_token_ids is not None:
+            if self.kind == "chat":
+                return self._prefix + _encode(choice) + b'],"prompt_token_ids":' + _encode(prompt_token_ids) + b"}\n\n"
+            choice["prompt_token_ids"] = prompt_token_ids
+        return self._prefix + _encode(choice) + b"]}\n\n"
+
+    def _choice(self, piece: Piece) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = dict(piece.delta_extra) if piece.delta_extra else {}
+            if piece.reasoning:
+                delta["reasoning_content"] = piece.reasoning
+            if piece.content or not delta:
+                delta["content"] = piece.content
+            choice: dict[str, Any] = {"index": piece.index, "delta": delta, "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
+        else:
+            # A completions client sees the raw text, reasoning tags and all.
+            choice = {"index": piece.index, "text": piece.reasoning + piece.content, "logprobs": piece.logprobs, "finish_reason": piece.finish_reason}
+        if self.return_token_ids and piece.token_ids is not None:
+            choice["token_ids"] = piece.token_ids
+        return choice
+
     def usage(self, prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
     def usage_chunk(self, progress: Progress) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {
-            "id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
+            "id": self.id, "object": self.object, "created": self.created, "model": self.model, "choices": [],
             "usage": self.usage(progress.prompt_tokens or 0, progress.completion_tokens),
         }
 

@@ -106,7 +106,7 @@ def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, te
     return RouteRequest(
         model=params.model,
         prompt_tokens=prompt_tokens,
-        max_output_tokens=params.output_limit or gw.config.default_output_tokens,
+        max_output_tokens=gw.stats.expected_output_tokens(params.model, params.output_limit, gw.config.default_output_tokens),
         prefix_key=prompt[:2048],
         center=gw.config.center,
         allowed_centers=allowed,
@@ -181,7 +181,7 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Pi
         with anyio.CancelScope(shield=True):
             await attempt.close()
             await gw.dispatcher.release(job, attempt.worker)
-        account(gw, job)
+        account(gw, job, attempt.worker.id)
 
 
 async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[bytes]:
@@ -241,14 +241,18 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-def account(gw: Any, job: Job) -> None:
-    """Latency and token metrics for one finished (or abandoned) answer."""
+def account(gw: Any, job: Job, worker_id: str) -> None:
+    """Latency and token metrics for one finished (or abandoned) answer, and
+    what it teaches the shared estimates (answer length, the worker's speed)."""
     p = job.progress
     m = gw.metrics
+    tpot = None
     if p.first_token_at is not None:
         m.ttft.labels(job.model).observe(p.first_token_at - job.started_at)
         if p.completion_tokens > 1 and p.last_token_at is not None:
             tpot = (p.last_token_at - p.first_token_at) / (p.completion_tokens - 1)
             m.tpot.labels(job.model).observe(tpot)
+    finished = p.finish_reason in ("stop", "length") and job.migrations == 0
+    gw.background(gw.stats.observe(job.model, worker_id, p.completion_tokens, tpot * 1000 if tpot and finished else None, p.finish_reason == "stop"))
     m.tokens.labels(job.model, "prompt").inc(p.prompt_tokens or 0)
     m.tokens.labels(job.model, "completion").inc(p.completion_tokens)

@@ -95,7 +95,19 @@ def _enroll_dead_worker(gateway_server, model: str) -> str:
     return credential
 
 
-def test_unknown_model_is_404_and_dead_engine_is_502(gateway_server):
+@pytest.fixture
+def unprobed_gateway(redis_url):
+    """A gateway that trusts workers without qualifying them, so a worker whose
+    engine is down can be ready, as happens when an engine dies after joining."""
+    from tests.conftest import start_gateway
+
+    server, handle = start_gateway(redis_url, queue_timeout_s=2.0, qualify=False)
+    yield handle
+    server.stop()
+
+
+def test_unknown_model_is_404_and_dead_engine_is_502(unprobed_gateway):
+    gateway_server = unprobed_gateway
     _enroll_dead_worker(gateway_server, "deepseek-r1-distill-qwen-1.5b")
     with gateway_server.client as c:
         err = assert_openai_error(c.post("/v1/chat/completions", json={**CHAT, "model": "gpt-nope"}), 404, "model")
