@@ -10,6 +10,10 @@ from typing import Any, AsyncIterator
 
 import httpx
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,7 +43,12 @@ class Gateway:
         self.config = config
         self.log = log
         self.metrics = GatewayMetrics()
-        self.redis = aioredis.Redis.from_url(config.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        # A restarted Redis leaves dead pooled connections: retry a command briefly on a
+        # fresh one, so a blip is invisible and a real outage still answers 503 fast.
+        self.redis = aioredis.Redis.from_url(
+            config.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3), retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self.registry = Registry(self.redis, heartbeat_ttl=config.heartbeat_ttl_s, lease_s=config.reservation_lease_s)
         # One pooled client for all engines. No total timeout: a reasoning stream may
         # run for many minutes; `read` is the longest silence allowed between chunks.
@@ -83,6 +92,7 @@ class Gateway:
         while True:
             await asyncio.sleep(1.0)
             with contextlib.suppress(Exception):
+                await self.dispatcher.retry_releases()
                 await self.stats.refresh()
                 if time.monotonic() - last_renew > self.config.reservation_lease_s / 3:
                     await self.dispatcher.renew_leases()

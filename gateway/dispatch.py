@@ -156,6 +156,7 @@ class Dispatcher:
         self.metrics = metrics
         self.policies = policies
         self.active: dict[str, str] = {}  # request id -> worker id, for lease renewal
+        self.unreleased: set[tuple[str, str]] = set()  # releases Redis missed during an outage
         self.queue = AdmissionQueue(registry.redis)
         self._snapshot: tuple[list[Worker], float] | None = None
         self._snapshot_at = 0.0
@@ -231,8 +232,14 @@ class Dispatcher:
         self.active.pop(job.request_id, None)
         try:
             await self.registry.release(worker.id, job.request_id)
-        except Exception:  # Redis down: the lease expires by itself
-            pass
+        except Exception:
+            # Redis is away: retry from housekeeping (the lease would expire anyway).
+            self.unreleased.add((worker.id, job.request_id))
+
+    async def retry_releases(self) -> None:
+        for worker_id, request_id in list(self.unreleased):
+            await self.registry.release(worker_id, request_id)
+            self.unreleased.discard((worker_id, request_id))
 
     async def start(self, job: Job, *, resume: bool = False) -> Attempt:
         """Place `job` and open its engine stream, trying other workers on failure."""
