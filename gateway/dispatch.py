@@ -23,7 +23,7 @@ import httpx
 from gateway.admission import AdmissionQueue
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
-from gateway.fleet import GONE, READY, RouteRequest, Worker
+from gateway.fleet import GONE, READY, SLEEPING, RouteRequest, Worker
 from gateway.headroom import candidates
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy
@@ -298,8 +298,15 @@ class Dispatcher:
                 continue
             workers, _ = await self.snapshot(max_age=0.5)
             me = next((w for w in workers if w.id == attempt.worker.id), None)
-            if me is None or me.state == GONE:
-                attempt.lost = "worker heartbeat expired" if me else "worker left the fleet"
+            if me is None or me.state in (GONE, SLEEPING):
+                # A sleeping engine holds a request it received at the last moment
+                # until it wakes: resume it elsewhere instead.
+                if me is None:
+                    attempt.lost = "worker left the fleet"
+                elif me.state == GONE:
+                    attempt.lost = "worker heartbeat expired"
+                else:
+                    attempt.lost = "worker went to sleep"
                 await attempt.response.aclose()
                 return
 

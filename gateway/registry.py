@@ -93,8 +93,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 for i = 1, #ARGV, 2 do
-  -- A cordoned worker (drained by an operator) cannot talk itself back to ready.
-  if not (ARGV[i] == 'state' and redis.call('HGET', KEYS[1], 'cordoned') == '1') then
+  -- A cordoned worker (drained by an operator) cannot talk itself back into
+  -- service; it may still report how far its yield got (draining, sleeping).
+  local back = ARGV[i + 1] == 'ready' or ARGV[i + 1] == 'waking' or ARGV[i + 1] == 'starting'
+  if not (ARGV[i] == 'state' and back and redis.call('HGET', KEYS[1], 'cordoned') == '1') then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end

@@ -185,6 +185,8 @@ class Up:
             sys.executable, "-m", "gateway.cli", "worker",
             "--gateway", self.base_url, "--token", token, "--center", group.center,
             "--engine", group.engine, "--model", group.model, "--drain-timeout", "10",
+            # Everything stops together: there is no other worker to hand streams to.
+            "--no-handover",
         ]
         env = dict(os.environ)
         if group.engine == "sim":

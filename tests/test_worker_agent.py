@@ -61,10 +61,11 @@ def one_worker(gw, state: str | None = None) -> dict | None:
     return matching[0] if len(workers) == 1 and matching else None
 
 
-def test_worker_enrolls_reports_load_and_drains_on_sigterm(gateway_server, tmp_path):
+def test_worker_enrolls_reports_load_and_drains_on_sigterm_without_handover(gateway_server, tmp_path):
     gw = gateway_server
     log = tmp_path / "agent.log"
-    agent = start_agent(gw.url, gw.enroll_token("dc-a"), log, time_scale=1.0)
+    # --no-handover: wait for in-flight requests (handing them over is tested in test_reclaim.py).
+    agent = start_agent(gw.url, gw.enroll_token("dc-a"), log, time_scale=1.0, extra=("--no-handover",))
     gw.agents.append(agent)  # the fixture stops it if the test fails first
     pid = engine_pid(log)
 
@@ -236,6 +237,8 @@ def test_gateway_outage_keeps_the_engine_running(redis_url, tmp_path):
         (["--center", "c", "--engine-url", "http://127.0.0.1:9", "--", "--dtype", "half"], "only apply to --engine vllm"),
         (["--center", "c", "--engine", "sim", "--gpu", "h100", "--model", MODEL, "--heartbeat-interval", "5"],
          "--heartbeat-interval must be"),
+        (["--center", "c", "--engine-url", "http://127.0.0.1:9", "--on-reclaim", "stop"], "--on-reclaim stop needs an engine"),
+        (["--center", "c", "--engine-url", "http://127.0.0.1:9", "--reclaim-nvml"], "--reclaim-nvml needs an engine"),
     ],
 )
 def test_bad_flags_give_one_line_and_a_nonzero_exit(flags, message, capsys):
