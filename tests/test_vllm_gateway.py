@@ -72,7 +72,7 @@ def test_chat_through_gateway_over_vllm(vllm_fleet):
 
 
 def _stream(gw, model: str, i: int, seen: dict) -> tuple[str, str]:
-    body = {"model": model, "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 300,
+    body = {"model": model, "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 1500,
             "temperature": 0, "ignore_eos": True, "stream": True}
     reasoning, content = [], []
     with httpx.Client(timeout=120) as c, c.stream("POST", gw.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {gw.api_key}"}) as r:
