@@ -52,7 +52,7 @@ def _number(text: str | None) -> float | None:
 def worker_json(w: Worker) -> dict[str, Any]:
     out = {f.name: getattr(w, f.name) for f in dataclasses.fields(w) if f.name not in _HIDDEN}
     out["queue_depth"] = w.queue_depth
-    for key in ("cordoned", "command", "reported_state"):
+    for key in ("cordoned", "command", "reported_state", "reclaim_reason"):
         if key in w.extra:
             out[key] = w.extra[key]
     try:

@@ -10,6 +10,8 @@ import sys
 
 import httpx
 
+from gateway.errors import UserError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway", default=os.environ.get("IDLEGRID_GATEWAY", "http://127.0.0.1:8000"), help="gateway URL (env IDLEGRID_GATEWAY)")
@@ -38,25 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         a.add_argument("worker_id")
 
 
-class AdminError(Exception):
-    """A problem the operator can fix; printed as one line, exit status 2."""
-
-
 def run(args: argparse.Namespace) -> int:
-    # Printed here rather than by gateway.cli: under `python -m gateway.cli` that module
-    # is __main__, and its UserError is not the class an import of it would raise.
-    try:
-        return _run(args)
-    except AdminError as exc:
-        print(f"idlegrid admin: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no request log around the answer
     token = os.environ.get("IDLEGRID_ADMIN_TOKEN")
     if not token:
-        raise AdminError("set IDLEGRID_ADMIN_TOKEN to the gateway's admin token")
+        raise UserError("set IDLEGRID_ADMIN_TOKEN to the gateway's admin token")
     client = httpx.Client(base_url=args.gateway, headers={"Authorization": f"Bearer {token}"}, timeout=10)
     try:
         if args.action == "workers":
@@ -71,13 +59,13 @@ def _run(args: argparse.Namespace) -> int:
         else:
             r = client.post(f"/admin/workers/{args.worker_id}/{args.action}")
     except httpx.HTTPError as exc:
-        raise AdminError(f"cannot reach the gateway at {args.gateway}: {exc}") from None
+        raise UserError(f"cannot reach the gateway at {args.gateway}: {exc}") from None
     if r.status_code >= 400:
         try:
             message = r.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = r.text
-        raise AdminError(f"gateway answered {r.status_code}: {message}")
+        raise UserError(f"gateway answered {r.status_code}: {message}")
     data = r.json()
     if args.action == "workers" and not args.json:
         _print_workers(data["workers"])

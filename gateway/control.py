@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from gateway import qualify
 from gateway.errors import APIError
-from gateway.fleet import DRAINING, READY, SLEEPING, STARTING, Worker
+from gateway.fleet import DRAINING, READY, SLEEPING, STARTING, WAKING, Worker
 
 
 class Enrollment(BaseModel):
@@ -38,22 +38,23 @@ class Enrollment(BaseModel):
 
 class Heartbeat(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    state: str | None = None
+    state: str | None = Field(default=None, max_length=32)
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
     power_w: float | None = None
     energy_j: float | None = None
     energy_source: str | None = None
-    # The agent's last reclaim and wake timings (signal to GPU memory freed; wake to serving).
+    # The agent's last reclaim: why, signal to GPU memory freed, and wake to serving.
+    reclaim_reason: str | None = Field(default=None, max_length=500)
     reclaim_seconds: float | None = Field(default=None, ge=0)
     wake_seconds: float | None = Field(default=None, ge=0)
 
 
 # Kept from the last heartbeat that had them, not blanked by one that does not.
-_STICKY = {"reclaim_seconds", "wake_seconds"}
+_STICKY = {"reclaim_reason", "reclaim_seconds", "wake_seconds"}
 
-_REPORTABLE_STATES = {STARTING, READY, DRAINING, SLEEPING}
+_REPORTABLE_STATES = {STARTING, READY, DRAINING, SLEEPING, WAKING}
 _REFUSALS = {
     "unknown": "enrollment token is not valid; ask an operator for one (`idlegrid admin create-enroll-token`)",
     "expired": "enrollment token has expired; ask an operator for a new one",
@@ -117,8 +118,9 @@ async def heartbeat(request: Request) -> JSONResponse:
     # a worker cannot name another worker, nor set its own qualification or cordon.
     fields = beat.model_dump(exclude={"state", *_STICKY})
     fields.update({name: getattr(beat, name) for name in _STICKY if getattr(beat, name) is not None})
+    if beat.state:
+        fields["reported_state"] = beat.state  # what the agent says, e.g. "waking", shown to operators
     if beat.state in _REPORTABLE_STATES:
-        fields["reported_state"] = beat.state
         # A worker that says it is ready gets traffic only once it has qualified.
         fields["state"] = await qualify.gate(gw, worker_id, beat.state)
     result = await gw.registry.heartbeat(worker_id, fields)

@@ -14,8 +14,9 @@ STARTING = "starting"
 READY = "ready"
 DRAINING = "draining"
 SLEEPING = "sleeping"
+WAKING = "waking"
 GONE = "gone"
-STATES = (STARTING, READY, DRAINING, SLEEPING, GONE)
+STATES = (STARTING, READY, DRAINING, SLEEPING, WAKING, GONE)
 
 
 @dataclass

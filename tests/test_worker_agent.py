@@ -144,9 +144,9 @@ def test_operator_drain_wake_and_revoke(gateway_server, tmp_path):
 
     with gw.admin as admin:
         assert admin.post(f"/admin/workers/{worker_id}/drain").status_code == 200
-        wait_for(lambda: one_worker(gw, "draining"), 5, "the worker to drain")
-        time.sleep(1.5)  # the agent keeps heartbeating "draining" and keeps its engine
-        assert one_worker(gw, "draining") and agent.poll() is None and alive(pid)
+        # A drained worker yields its GPU: the engine sleeps, the agent and engine stay up.
+        wait_for(lambda: one_worker(gw, "sleeping"), 10, "the worker to drain and sleep")
+        assert agent.poll() is None and alive(pid)
 
         assert admin.post(f"/admin/workers/{worker_id}/wake").status_code == 200
         wait_for(lambda: one_worker(gw, "ready"), 5, "the worker to be ready again")
