@@ -192,6 +192,10 @@ class Up:
         if group.engine == "sim":
             # One seed for the fleet, like one set of weights: any worker continues any answer exactly.
             cmd += ["--gpu", group.gpu, "--time-scale", str(self.args.time_scale), "--seed", "0"]
+            # Emulate the distance from the gateway's center to this worker's.
+            rtt = self.fleet.rtt(self.fleet.centers[0], group.center)
+            if rtt:
+                cmd += ["--extra-latency-ms", str(rtt)]
         else:
             env.setdefault("CUDA_VISIBLE_DEVICES", str(n))
             if self.args.engine_args:

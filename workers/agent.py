@@ -92,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--gpu-index", help="NVML index or UUID of the GPU to meter (default: first of CUDA_VISIBLE_DEVICES, else 0)")
     engine.add_argument("--time-scale", type=float, help="sim: simulated seconds per wall-clock second")
     engine.add_argument("--seed", type=int, help="sim: seed of the deterministic output")
+    engine.add_argument("--extra-latency-ms", type=float, help="sim: round trip added to every response, to emulate a distant center")
     engine.add_argument("--max-num-seqs", type=int, help="most sequences the engine runs at once")
     engine.add_argument("--host", default="127.0.0.1", help="address the launched engine listens on (default 127.0.0.1)")
     engine.add_argument("--advertise-host", help="host gateways use to reach the engine (default: --host, or this machine's name if --host is 0.0.0.0)")
@@ -131,7 +132,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AgentError(f"--engine {args.engine} needs --model")
     if args.engine == "sim" and not args.gpu:
         raise AgentError("--engine sim needs --gpu (a GPU profile such as h100)")
-    if args.engine != "sim" and (args.time_scale is not None or args.seed is not None):
+    if args.engine != "sim" and (args.time_scale is not None or args.seed is not None or args.extra_latency_ms is not None):
         raise AgentError("--time-scale and --seed only apply to --engine sim")
     if args.engine_args and args.engine != "vllm":
         raise AgentError(f"extra engine arguments {' '.join(args.engine_args)!r} only apply to --engine vllm")
@@ -199,6 +200,8 @@ def engine_spec(args: argparse.Namespace) -> EngineSpec:
             argv += ["--seed", str(args.seed)]
         if args.max_num_seqs is not None:
             argv += ["--max-num-seqs", str(args.max_num_seqs)]
+        if args.extra_latency_ms:
+            argv += ["--extra-latency-ms", str(args.extra_latency_ms)]
         return EngineSpec("sim", url, api_key, argv=argv, env=None, max_num_seqs=args.max_num_seqs)
     from workers.vllm_launch import vllm_command, vllm_missing_reason
 

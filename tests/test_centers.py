@@ -1,0 +1,43 @@
+"""Centers: a simulated fleet emulates each center's distance, and an API key
+limited to some centers (data residency) is never served anywhere else."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.conftest import MODEL
+
+
+def test_residency_is_never_violated_and_distance_is_emulated(gateway_server):
+    gw = gateway_server
+    gw.start_sim_worker("dc-a", time_scale=1.0, seed=1)
+    gw.start_sim_worker("dc-b", time_scale=1.0, seed=1, extra=["--extra-latency-ms", "300"])
+    gw.wait_ready(2)
+    centers = {w["id"]: w["center"] for w in gw.workers()}
+    with gw.admin as admin:
+        key_b = admin.post("/admin/keys", json={"name": "eu-only", "allowed_centers": ["dc-b"]}).json()["key"]
+        key_a = admin.post("/admin/keys", json={"name": "us-only", "allowed_centers": ["dc-a"]}).json()["key"]
+
+    def ask(key: str) -> tuple[str, float]:
+        started = time.monotonic()
+        r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3},
+                       headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        return centers[r.headers["x-idlegrid-worker"]], time.monotonic() - started
+
+    far = [ask(key_b) for _ in range(6)]
+    near = [ask(key_a) for _ in range(6)]
+    assert {c for c, _ in far} == {"dc-b"}, "an eu-only key is served in dc-b only"
+    assert {c for c, _ in near} == {"dc-a"}
+    assert min(t for _, t in far) >= 0.3, "dc-b's emulated round trip is felt"
+    assert max(t for _, t in near) < min(t for _, t in far)
+
+    # With dc-b's only worker drained, the eu-only key waits and gets 429 or 503: never dc-a.
+    b_id = next(i for i, c in centers.items() if c == "dc-b")
+    with gw.admin as admin:
+        admin.post(f"/admin/workers/{b_id}/drain")
+    r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3},
+                   headers={"Authorization": f"Bearer {key_b}"}, timeout=30)
+    assert r.status_code in (429, 503), r.text
