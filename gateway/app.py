@@ -48,6 +48,9 @@ class Gateway:
         self.redis = aioredis.Redis.from_url(
             config.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 3), retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            # redis-py's default pool holds 100 connections and fails (not waits) beyond
+            # them; a gateway relaying hundreds of streams has more calls than that in flight.
+            max_connections=4096,
         )
         self.registry = Registry(self.redis, heartbeat_ttl=config.heartbeat_ttl_s, lease_s=config.reservation_lease_s)
         # One pooled client for all engines. No total timeout: a reasoning stream may
@@ -59,6 +62,7 @@ class Gateway:
         self.dispatcher = Dispatcher(config, self.registry, self.http, self.metrics, {name: make_policy(name) for name in POLICIES})
         self.stats = AnswerStats(self.redis)
         self._keys: dict[str, tuple[float, dict[str, str] | None]] = {}
+        self._key_lookups: dict[str, asyncio.Future] = {}
         self._background: set[asyncio.Task] = set()
 
     def background(self, coro) -> None:
@@ -77,8 +81,13 @@ class Gateway:
         if cached and time.monotonic() - cached[0] < _KEY_CACHE_S:
             tenant = cached[1]
         else:
+            # One lookup per key at a time: a burst of new requests shares it.
+            lookup = self._key_lookups.get(key)
+            if lookup is None:
+                lookup = self._key_lookups[key] = asyncio.ensure_future(self.registry.lookup_api_key(key))
+                lookup.add_done_callback(lambda _, key=key: self._key_lookups.pop(key, None))
             try:
-                tenant = await self.registry.lookup_api_key(key)
+                tenant = await asyncio.shield(lookup)
             except aioredis.RedisError:
                 raise APIError(503, "fleet state is unavailable right now", code="redis_unavailable") from None
             self._keys[key] = (time.monotonic(), tenant)

@@ -16,12 +16,15 @@ event loop for more than a few dozen events at a time.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import httpx
 import msgspec
+
+log = logging.getLogger("idlegrid.gateway")
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -112,7 +115,8 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
     """
     tail = b""
     turn = 0
-    async for data in response.aiter_bytes():
+    chunks = response.aiter_bytes()
+    async for data in chunks:
         if tail:
             data = tail + data
         if b"\r" in data:  # SSE allows CRLF line ends; engines we know send LF
@@ -123,6 +127,7 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
             if payload is None:
                 continue
             if payload.strip() == b"[DONE]":
+                await _finish_body(chunks)
                 return
             try:
                 event = _decode(payload)
@@ -137,6 +142,82 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
             if turn >= EVENTS_PER_TURN:
                 turn = 0
                 await asyncio.sleep(0)  # let other streams and Redis replies through
+
+
+async def coalesce(chunks: AsyncIterator[bytes], max_pending: int = 256) -> AsyncIterator[bytes]:
+    """The bytes `chunks` yields, joined into one write when several are ready at once.
+
+    At low load every chunk goes out alone, as soon as it is made. When the
+    gateway falls behind, an engine's socket holds many events by the time it
+    is read; they are then relayed in one client write instead of one write
+    (and one pass through the ASGI stack) each, so the cost per chunk falls as
+    load rises instead of the queue growing. `chunks` runs in a task of its
+    own, at most `max_pending` chunks ahead of the client; closing this
+    generator (the client left) cancels it, and its own cleanup runs.
+    """
+    pending: list[bytes] = []
+    ready = asyncio.Event()  # pending has something, or the producer ended
+    room = asyncio.Event()  # the client took what was pending
+    room.set()
+    ended = False
+
+    async def produce() -> None:
+        nonlocal ended
+        try:
+            async for chunk in chunks:
+                pending.append(chunk)
+                ready.set()
+                if len(pending) >= max_pending:
+                    room.clear()
+                    await room.wait()
+        finally:
+            ended = True
+            ready.set()
+
+    producer = asyncio.ensure_future(produce())
+    try:
+        while True:
+            await ready.wait()
+            ready.clear()
+            if pending:
+                batch = pending[0] if len(pending) == 1 else b"".join(pending)
+                pending.clear()
+                room.set()
+                yield batch
+            if ended and not pending:
+                break
+        await producer  # re-raises what ended the producer, if anything did
+    finally:
+        if not producer.done():
+            # Its cleanup (closing the engine stream frees the GPU slot, releasing
+            # the reservation) runs in its own task; nothing here waits for it.
+            producer.cancel()
+            _stopping.add(producer)
+            producer.add_done_callback(_forget)
+
+
+_stopping: set[asyncio.Future] = set()  # producers being cancelled: keep them alive until done
+
+
+def _forget(task: asyncio.Future) -> None:
+    _stopping.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("cleanup of an abandoned stream failed: %r", task.exception())
+
+
+async def _finish_body(chunks: AsyncIterator[bytes], within_s: float = 1.0) -> None:
+    """Read the end of the HTTP body after `[DONE]` (the last, empty chunk). A body
+    read to its end lets httpx put the connection back in its pool; one closed
+    early costs the next request a new connection to the engine."""
+    timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+    if timeout is None:
+        return
+    try:
+        async with timeout(within_s):
+            async for _ in chunks:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass  # the connection is closed instead of reused: no harm done
 
 
 class ThinkSplitter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import uvicorn
@@ -26,6 +27,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # httpx logs every engine request at INFO: a line per request on the hot path.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(config_from_args(args))
     # No HTTP keep-alive timeout games: streams stay open as long as the answer runs.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from gateway.dispatch import Attempt, CannotResume, Dispatcher, Job, new_request_id
 from gateway.errors import APIError
 from gateway.fleet import RouteRequest
-from gateway.relay import ClientStream, Collector, EngineFailed, Piece
+from gateway.relay import ClientStream, Collector, EngineFailed, Piece, coalesce
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 MAX_MIGRATIONS = 3
@@ -73,7 +73,8 @@ async def serve(request: Request, kind: str) -> Response:
     gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
     headers["X-Idlegrid-Worker"] = attempt.worker.id  # lets benchmarks attribute tokens per worker
     if params.stream:
-        return StreamingResponse(stream_answer(gw, job, attempt), media_type="text/event-stream", headers=headers)
+        # Chunks that are ready together go out in one write (see relay.coalesce).
+        return StreamingResponse(coalesce(stream_answer(gw, job, attempt)), media_type="text/event-stream", headers=headers)
     return await collect_answer(gw, job, attempt, request, headers)
 
 
@@ -190,7 +191,7 @@ async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[by
     first = True
     try:
         async for piece in answer_pieces(gw, job, attempt):
-            yield client.sse(client.chunk(piece, job.progress.prompt_token_ids if first else None))
+            yield client.event(piece, job.progress.prompt_token_ids if first else None)
             first = False
         if client.include_usage:
             yield client.sse(client.usage_chunk(job.progress))
