@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class GatewayConfig:
     redis_url: str
     center: str = "default"
-    policy: str = "least_load"
+    policy: str = "slo_pack"  # gateway.policies.DEFAULT_POLICY
     admin_token: str = ""
     # Largest request body accepted (413 above it).
     max_body_bytes: int = 4 * 1024 * 1024

@@ -10,7 +10,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from gateway.policies import POLICIES
+from gateway.policies import DEFAULT_POLICY, POLICIES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--center", default="default", help="the center this gateway runs in")
-    p.add_argument("--policy", default="least_load", choices=sorted(POLICIES), help="routing policy")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help=f"routing policy (default {DEFAULT_POLICY})")
     p.add_argument("--admin-token", default=os.environ.get("IDLEGRID_ADMIN_TOKEN", ""), help="admin API token (env IDLEGRID_ADMIN_TOKEN)")
 
 

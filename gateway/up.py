@@ -28,7 +28,7 @@ from gateway.embedded_redis import EmbeddedRedis, RedisNotFound
 from gateway.errors import UserError
 from gateway.fleet import READY
 from gateway.fleet_file import Fleet, FleetFileError, WorkerGroup, load_fleet
-from gateway.policies import POLICIES
+from gateway.policies import DEFAULT_POLICY, POLICIES
 from gateway.registry import Registry
 
 DEFAULT_SIM_MODEL = "deepseek-r1-distill-qwen-1.5b"
@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"model to serve (default: {DEFAULT_SIM_MODEL} simulated, {DEFAULT_VLLM_MODEL} on vLLM)")
     p.add_argument("--gpu", default="h100", help="GPU profile of simulated workers (default h100)")
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per wall-clock second (default 1)")
-    p.add_argument("--policy", default="least_load", choices=sorted(POLICIES), help="routing policy (default least_load)")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help=f"routing policy (default {DEFAULT_POLICY})")
     p.add_argument("--fleet", metavar="FILE", help="TOML fleet file ([[workers]] center, gpu, model, count)")
     p.add_argument("--redis", metavar="URL", help="use this Redis instead of starting a private one")
     p.add_argument("--state-dir", default=".idlegrid", help="where the private Redis and logs live (default ./.idlegrid)")
