@@ -21,14 +21,9 @@ from gateway.fleet import GONE, READY, Worker
 _INT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("int", "int | None")}
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("float", "float | None")}
 
-RESERVE = """
--- KEYS: worker hash, reservations hash
--- ARGV: request_id, tokens, lease_s, max_requests, max_tokens (0 = unknown), heartbeat_ttl
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local w = redis.call('HMGET', KEYS[1], 'state', 'last_heartbeat')
-if w[1] ~= 'ready' then return {0, 'not_ready'} end
-if now - tonumber(w[2] or '0') > tonumber(ARGV[6]) then return {0, 'stale'} end
+# Shared by RESERVE and RELEASE: drop expired leases from the reservations hash
+# (KEYS[2]) and sum the live ones into `count` and `total` (tokens).
+_LIVE_RESERVATIONS = """
 local entries = redis.call('HGETALL', KEYS[2])
 local count, total = 0, 0
 for i = 1, #entries, 2 do
@@ -40,7 +35,17 @@ for i = 1, #entries, 2 do
     total = total + tonumber(tokens)
   end
 end
-local want = tonumber(ARGV[2])
+"""
+
+RESERVE = """
+-- KEYS: worker hash, reservations hash
+-- ARGV: request_id, tokens, lease_s, max_requests, max_tokens (0 = unknown), heartbeat_ttl
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local w = redis.call('HMGET', KEYS[1], 'state', 'last_heartbeat')
+if w[1] ~= 'ready' then return {0, 'not_ready'} end
+if now - tonumber(w[2] or '0') > tonumber(ARGV[6]) then return {0, 'stale'} end
+""" + _LIVE_RESERVATIONS + """local want = tonumber(ARGV[2])
 if count + 1 > tonumber(ARGV[4]) then return {0, 'max_num_seqs'} end
 -- A request larger than the whole cache still gets an empty worker, else it would starve.
 local cap = tonumber(ARGV[5])
@@ -55,18 +60,7 @@ RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HDEL', KEYS[2], ARGV[1])
-local entries = redis.call('HGETALL', KEYS[2])
-local count, total = 0, 0
-for i = 1, #entries, 2 do
-  local tokens, expiry = string.match(entries[i + 1], '(%d+) ([%d.]+)')
-  if tonumber(expiry) < now then
-    redis.call('HDEL', KEYS[2], entries[i])
-  else
-    count = count + 1
-    total = total + tonumber(tokens)
-  end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
+""" + _LIVE_RESERVATIONS + """if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'reserved_requests', count, 'reserved_tokens', total)
 end
 return count
