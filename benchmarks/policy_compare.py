@@ -1,6 +1,6 @@
 """Every routing policy, and vllm-router, on one simulated heterogeneous fleet in three centers.
 
-    python -m benchmarks.policy_compare            # the committed run (about 20 minutes)
+    python -m benchmarks.policy_compare            # the committed run (about 30 minutes on 2 cores)
     python -m benchmarks.policy_compare --quick    # a smoke run (under a minute)
 
 The issue-3 benchmark. One set of simulated engines (`idlegrid sim-engine`, a
@@ -23,12 +23,15 @@ per output token meets the TPOT SLO (within max_num_seqs and the KV cache),
 summed over the fleet and divided by the mean output length.
 
 Everything is simulated: latency and throughput come from the roofline model
-of each GPU, energy from its power model (labelled `modeled`). Engines run
-`time_scale` times faster than real time; the bench measures wall-clock time,
-and every latency and rate here is converted back to simulated time (latency x
+of each GPU, energy from its power model (labelled `modeled`). Simulated time
+runs `time_scale` times as fast as the wall clock; the bench measures wall-clock
+time, and every latency and rate here is converted to simulated time (latency x
 time_scale, rates / time_scale), so the SLO is judged in simulated time. The
-gateway's own overhead is real wall time and so counts time_scale times over:
-a conservative bias against every router measured here alike.
+routers' and the client's own processing time is wall time and is scaled the
+same way, alike for every configuration.
+
+`--placement-check` needs no serving at all: it runs each policy's own code on
+snapshots of the issue's full-size fleet (see `placement_check`).
 
 Output: `--out` (default benchmarks/results/policies/) gets one folder per
 configuration with `results.json` (the bench's schema, one run per load
@@ -61,7 +64,7 @@ from typing import Sequence
 import httpx
 
 from benchmarks.client import RequestRecord
-from benchmarks.energy import EnergyReadError, EnergySampler, Snapshot, WorkerReading, energy_over_window, parse_prometheus_energy
+from benchmarks.energy import EnergyReadError, EnergySampler, WorkerReading, energy_over_window, parse_prometheus_energy
 from benchmarks.metrics import energy_between, percentile, request_tpot, steady_window, summarize
 from benchmarks.report import Figure, write_results
 from benchmarks.runner import LoadLevel, Target, run_level
@@ -105,6 +108,7 @@ class Settings:
     router_policies: tuple[str, ...] = VLLM_ROUTER_POLICIES
     seed: int = 0
     energy_interval_s: float = 0.25  # wall seconds between energy readings
+    full_scale_placement: bool = True  # add the full-size fleet's placement check (~10 s) to the results
 
     @property
     def output_lengths(self) -> LogNormal:
@@ -141,6 +145,7 @@ QUICK = dataclasses.replace(
     send_s=0.5,
     idlegrid_policies=("round_robin", "slo_pack"),
     router_policies=("round_robin",),
+    full_scale_placement=False,
 )
 
 
@@ -417,7 +422,7 @@ class IdlegridGateway:
             redis_sync.Redis.from_url(self.redis.url).flushall()
         cmd = [*_python(), "gateway", "--redis", self.redis.url, "--host", "127.0.0.1", "--port", str(self.port),
                "--center", self.center, "--policy", policy, "--admin-token", self.admin_token]
-        log_file = open(self.log_dir / f"idlegrid-gateway.log", "ab")
+        log_file = open(self.log_dir / "idlegrid-gateway.log", "ab")
         self.process = subprocess.Popen(cmd, stdout=log_file, stderr=log_file, start_new_session=True)
         await _wait_http(f"{self.base_url}/health", 30, self.process, f"gateway ({policy})")
         admin = {"Authorization": f"Bearer {self.admin_token}"}
@@ -755,7 +760,8 @@ async def compare(settings: Settings, out: Path, work_dir: Path) -> dict:
         redis.stop()
     summary = build_summary(settings, fleet, center, model, capacity, levels, results)
     summary["wall_s"] = time.monotonic() - began
-    summary["full_scale_placement"] = full_scale_placement(settings.loads)
+    if settings.full_scale_placement:
+        summary["full_scale_placement"] = full_scale_placement(settings.loads)
     write_outputs(out, summary, results, settings)
     return summary
 
@@ -1022,8 +1028,9 @@ def readme(summary: dict, plots: Sequence[str], out: Path) -> str:
         f"- SLO for goodput: TTFT ≤ {s['slo']['ttft_ms']:g} ms and TPOT ≤ {s['slo']['tpot_ms']:g} ms (simulated time). "
         "Goodput = offered rate × share of requests that completed meeting both (every configuration gets the same "
         "requests at the same times). Failed requests (429 after the gateway's 30 s queue timeout, 503) count as missed.",
-        f"- Time scale {s['time_scale']:g}: engines run {s['time_scale']:g}× faster than real time; the gateway's own "
-        "(real) processing time therefore counts {0:g}× over in the simulated latencies.".format(s["time_scale"]),
+        f"- Time scale {s['time_scale']:g}: simulated time runs {s['time_scale']:g}× as fast as the wall clock, so "
+        "wall-clock latencies are multiplied by it (and rates divided) to give simulated ones; the gateway's and "
+        "client's own processing time is scaled the same way.",
         "- Steady window (the bench's): from when requests in flight first reach their time-weighted median to the "
         "last arrival. Output tok/s: tokens the engines generated in it per simulated second. Tokens/J: those tokens "
         "over the joules all engines' modeled energy counters grew by in it (idle GPUs included); the bench's "
@@ -1325,7 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = json.loads((out / "summary.json").read_text())
         summary["table"] = with_goodput(summary["table"])
         summary["targets_at_80"] = targets(summary["table"])
-        if "full_scale_placement" not in summary:
+        if "full_scale_placement" not in summary and summary["settings"].get("full_scale_placement", True):
             summary["full_scale_placement"] = full_scale_placement(summary["settings"]["loads"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "README.md").write_text(readme(summary, plot_summary(out, summary), out))
