@@ -280,8 +280,9 @@ def test_worker_launches_real_vllm_and_reports_its_load(gateway_server, tmp_path
     # Only holders of the engine key (the gateways) may call it.
     assert httpx.get(f"{worker['engine_url']}/v1/models").status_code == 401
 
+    # Long enough (several seconds on a busy CPU) that a 1 s heartbeat sees it running.
     body = {"model": TINY_MODEL_NAME, "messages": [{"role": "user", "content": "count"}], "stream": True,
-            "max_tokens": 400, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "max_tokens": 1800, "ignore_eos": True, "stream_options": {"include_usage": True}}
     result: dict = {}
 
     def stream() -> None:
