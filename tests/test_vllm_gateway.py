@@ -113,8 +113,8 @@ def test_paused_vllm_worker_hands_its_streams_to_the_other(vllm_fleet):
     # identity is proven on the deterministic simulated engine in test_migration.py; the
     # tiny random-weight model's float32 CPU logits have near-ties that a different batch
     # can tip, so only the pre-break prefix is compared here.)
-    for (ref_r, ref_c, ref_n), (r, c, n) in zip(reference, results):
-        assert n == ref_n == 1500
+    for (ref_r, ref_c, _), (r, c, n) in zip(reference, results):
+        assert n == 1500, "usage counts the whole answer across both engines"
         assert r and (r + c)[:20] == (ref_r + ref_c)[:20]
     metrics = httpx.get(gw.url + "/metrics").text
     assert any(line.startswith("idlegrid_migrations_total") and not line.endswith(" 0.0") for line in metrics.splitlines())

@@ -295,7 +295,7 @@ def test_worker_launches_real_vllm_and_reports_its_load(gateway_server, tmp_path
     wait_for(lambda: (w := one_worker(gw)) and w["running"] == 1, 30, "the worker to report vLLM's running request")
     streamer.join(120)
     assert result["status"] == 200 and result["lines"][-1] == "data: [DONE]"
-    assert '"completion_tokens":400' in "".join(result["lines"]).replace(" ", "")
+    assert '"completion_tokens":1800' in "".join(result["lines"]).replace(" ", "")
     wait_for(lambda: (w := one_worker(gw)) and w["running"] == 0, 10, "the worker to report vLLM idle again")
 
     agent.send_signal(signal.SIGTERM)
