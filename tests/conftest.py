@@ -37,6 +37,17 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
+def wait_for(check, timeout: float, what: str):
+    """Poll `check` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 class ServerThread:
     """A uvicorn server for an ASGI app, on a free loopback port, in a thread."""
 

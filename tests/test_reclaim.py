@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.embedded_redis import EmbeddedRedis
-from tests.conftest import MODEL, start_gateway
+from tests.conftest import MODEL, start_gateway, wait_for
 from workers.reclaim import ReclaimWatch
 
 SEED = 7  # every worker the same seed: a resumed answer must equal an undisturbed one
@@ -45,15 +45,6 @@ def start_agent(gw, log: Path, *, time_scale: float = 1.0, extra: tuple[str, ...
     gw.agents.append(agent)  # the fixtures stop it
     return agent
 
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def worker(gw, worker_id: str) -> dict:

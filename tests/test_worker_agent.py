@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import wait_for
+
 from gateway.cli import main as idlegrid
 from gateway.embedded_redis import free_port
 
@@ -30,15 +32,6 @@ def start_agent(gateway_url: str, token: str, log: Path, *, center: str = "dc-a"
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def engine_pid(log: Path) -> int:
