@@ -340,7 +340,7 @@ class SimWorkers:
                 "token": token, "center": engine.center, "gpu": engine.gpu, "model": engine.model,
                 "engine_url": engine.url, "engine_kind": "sim", "max_num_seqs": info["max_num_seqs"],
                 "kv_capacity_tokens": info["kv_capacity_tokens"], "tpot_base_ms": info["tpot_base_ms"],
-                "tpot_ms_per_1k_kv": info["tpot_ms_per_1k_kv"],
+                "tpot_ms_per_1k_kv": info["tpot_ms_per_1k_kv"], "tpot_ms_per_seq": info["tpot_ms_per_seq"],
             }
             response = await self._client.post(f"{self.gateway_url}/control/enroll", json=body)
             if response.status_code != 200:
@@ -1101,42 +1101,7 @@ def readme(summary: dict, plots: Sequence[str], out: Path) -> str:
 # --- where each policy puts a full-size fleet's load (no serving, the policies' own code) ----
 
 
-PROPOSED_SLO_PACK = "slo_pack+per_seq"
-
-
-class ProposedSloPack:
-    """slo_pack with the fix ANALYSIS.md proposes, for `placement_check` only: the
-    predicted TPOT also counts the per-sequence cost of a decode step (the GEMMs grow
-    with the batch: 0.21 ms per sequence on an H20 for the 7B model, which is what
-    limits an H20's batch), i.e. tpot = base + per_1k_kv * KV/1000 + per_seq * sequences."""
-
-    name = PROPOSED_SLO_PACK
-
-    def __init__(self, per_seq_ms: dict[str, float], tpot_slo_ms: float = 60.0):
-        self.per_seq_ms = per_seq_ms
-        self.tpot_slo_ms = tpot_slo_ms
-
-    def predicted(self, worker, request) -> float:
-        from gateway.headroom import kv_tokens_held
-
-        kv = kv_tokens_held(worker) + request.reserved_tokens
-        return (worker.tpot_base_ms + (worker.tpot_ms_per_1k_kv or 0.0) * kv / 1000
-                + self.per_seq_ms[worker.id] * (worker.reserved_requests + 1))
-
-    def choose(self, request, candidates):
-        from gateway.headroom import fill_fraction
-
-        if not candidates:
-            return None
-        predicted = {w.id: self.predicted(w, request) for w in candidates}
-        meeting = [w for w in candidates if predicted[w.id] <= self.tpot_slo_ms]
-        if meeting:
-            local = [w for w in meeting if request.center and w.center == request.center]
-            return min(local or meeting, key=lambda w: (-fill_fraction(w), predicted[w.id], w.id))
-        return min(candidates, key=lambda w: (predicted[w.id], w.id))
-
-
-def placement_check(fleet_file: Path, load: float = 0.8, policies: Sequence[str] = (*IDLEGRID_POLICIES, PROPOSED_SLO_PACK),
+def placement_check(fleet_file: Path, load: float = 0.8, policies: Sequence[str] = IDLEGRID_POLICIES,
                     max_num_seqs: int = 256, seed: int = 0) -> list[dict]:
     """Place a full-size fleet's requests with each policy,
     one by one through the gateway's own headroom check and policy code, and give each
@@ -1170,13 +1135,11 @@ def placement_check(fleet_file: Path, load: float = 0.8, policies: Sequence[str]
                 w = Worker(id=f"{group.center}-{group.gpu}-{i}", center=group.center, model=group.model, engine_url="",
                            gpu=group.gpu, state=READY, max_num_seqs=max_num_seqs,
                            kv_capacity_tokens=model.kv_capacity_tokens, tpot_base_ms=model.tpot_base_ms,
-                           tpot_ms_per_1k_kv=model.tpot_ms_per_1k_kv, last_heartbeat=1e12)
+                           tpot_ms_per_1k_kv=model.tpot_ms_per_1k_kv, tpot_ms_per_seq=model.tpot_ms_per_seq,
+                           last_heartbeat=1e12)
                 workers.append(w)
                 perf[w.id], held[w.id] = model, []
-        if name == PROPOSED_SLO_PACK:
-            policy = ProposedSloPack({w.id: perf[w.id].tpot_ms_per_seq for w in workers})
-        else:
-            policy = make_policy(name, rng=random.Random(seed))
+        policy = make_policy(name, rng=random.Random(seed))
         placed = 0
         rate = {w.id: 0.0 for w in workers}  # modeled decode tokens/s of each GPU
         for r in requests:
@@ -1187,8 +1150,10 @@ def placement_check(fleet_file: Path, load: float = 0.8, policies: Sequence[str]
             choice = policy.choose(route, candidates(workers, route, 1e12))
             if choice is None:
                 break  # the fleet is full by the gateway's own headroom check
+            # What the gateway's reservation (gateway.registry RESERVE) adds to the worker's record.
             choice.reserved_requests += 1
             choice.reserved_tokens += route.reserved_tokens
+            choice.reserved_average_kv_tokens += route.average_kv_tokens
             held[choice.id].append(r.input_len + r.output_len / 2)  # KV a request holds on average over its life
             batch = len(held[choice.id])
             rate[choice.id] = batch / perf[choice.id].step_seconds(batch, int(sum(held[choice.id])), batch)
@@ -1212,8 +1177,7 @@ def full_scale_placement(loads: Sequence[float]) -> dict:
         "fleet": str(FULL_SCALE_FLEET.relative_to(ROOT.parent)),
         "note": "No serving: each policy's own code places requests through the gateway's headroom check until the "
                 "fleet's modeled decode rate reaches the load; TPOT, power and tokens/J are the simulator's model at "
-                "the resulting batches. max_num_seqs 256, R1 output lengths unscaled. slo_pack+per_seq is the "
-                "proposed fix (ANALYSIS.md), not a shipped policy.",
+                "the resulting batches. max_num_seqs 256, R1 output lengths unscaled.",
         "by_load": {f"{load:g}": placement_summary(placement_check(FULL_SCALE_FLEET, load=load)) for load in loads},
     }
 

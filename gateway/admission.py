@@ -5,8 +5,10 @@ reclaimed. Order is shared by every gateway: priority class first, then fair
 across API keys (each key's n-th waiting request ranks with the other keys'
 n-th), then arrival. A waiting request may only take room when it is near the
 head — within as many places as there are workers with room — so no gateway
-lets a late request jump the line, and removal from the queue is part of the
-same atomic step as the reservation, so nothing is dispatched twice.
+lets a late request jump the line. Each entry is placed only by the gateway
+holding its client (`gateway.dispatch`), so nothing is dispatched twice, and a
+new request skips the queue only when it is empty (checked in the same atomic
+step as its reservation, `registry.RESERVE`).
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ if redis.call('HINCRBY', KEYS[3], label, -1) <= 0 then redis.call('HDEL', KEYS[3
 return 1
 """
 
-RANK = """
--- KEYS: queue zset, owners hash, depth hash; ARGV: request_id
+RANKS = """
+-- KEYS: queue zset, owners hash, depth hash; ARGV: request ids
 -- Drops entries whose gateway stopped waiting for them (deadline passed), then
--- returns this request's place in line (0 = head), or -1 if it is not queued.
+-- returns each request's place in line (0 = head), or -1 if it is not queued.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local head = redis.call('ZRANGE', KEYS[1], 0, 15)
@@ -66,9 +68,13 @@ for _, id in ipairs(head) do
     if label and redis.call('HINCRBY', KEYS[3], label, -1) <= 0 then redis.call('HDEL', KEYS[3], label) end
   end
 end
-local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
-if rank == false then return -1 end
-return rank
+local ranks = {}
+for i, id in ipairs(ARGV) do
+  local rank = redis.call('ZRANK', KEYS[1], id)
+  if rank == false then rank = -1 end
+  ranks[i] = rank
+end
+return ranks
 """
 
 
@@ -77,7 +83,7 @@ class AdmissionQueue:
         self.redis = redis
         self._enqueue = redis.register_script(ENQUEUE)
         self._leave = redis.register_script(LEAVE)
-        self._rank = redis.register_script(RANK)
+        self._ranks = redis.register_script(RANKS)
 
     def _keys(self, model: str) -> list[str]:
         return [keys.queue(model), keys.queue_owners(model), keys.QUEUE_DEPTH]
@@ -89,8 +95,11 @@ class AdmissionQueue:
         label = f"{model}|{center}"
         return int(await self._enqueue(keys=self._keys(model), args=[request_id, priority, api_key or "-", label, timeout_s]))
 
-    async def rank(self, model: str, request_id: str) -> int:
-        return int(await self._rank(keys=self._keys(model), args=[request_id]))
+    async def ranks(self, model: str, request_ids: list[str]) -> list[int]:
+        """Each request's place in line (0 = head), -1 for one no longer queued."""
+        if not request_ids:
+            return []
+        return [int(r) for r in await self._ranks(keys=self._keys(model), args=request_ids)]
 
     async def leave(self, model: str, request_id: str) -> bool:
         return bool(await self._leave(keys=self._keys(model), args=[request_id]))

@@ -108,6 +108,7 @@ class Gateway:
                     last_renew = time.monotonic()
 
     async def close(self) -> None:
+        await self.dispatcher.close()
         await self.http.aclose()
         await self.redis.aclose()
 

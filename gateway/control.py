@@ -32,8 +32,10 @@ class Enrollment(BaseModel):
     engine_pid: int | None = None
     max_num_seqs: int = Field(default=256, ge=1)
     kv_capacity_tokens: int = Field(default=0, ge=0)
+    # The engine's speed model (see gateway.fleet.Worker); left out, the qualification probe fits one.
     tpot_base_ms: float | None = None
     tpot_ms_per_1k_kv: float | None = None
+    tpot_ms_per_seq: float | None = None
 
 
 class Heartbeat(BaseModel):
@@ -103,6 +105,7 @@ async def enroll(request: Request) -> JSONResponse:
         kv_capacity_tokens=form.kv_capacity_tokens,
         tpot_base_ms=form.tpot_base_ms,
         tpot_ms_per_1k_kv=form.tpot_ms_per_1k_kv,
+        tpot_ms_per_seq=form.tpot_ms_per_seq,
     )
     await gw.registry.register(worker)
     credential = await gw.registry.issue_credential(worker.id)

@@ -2,16 +2,17 @@
 
 `Job` is one client request in flight: what was asked, and what has been
 delivered so far (`Progress`). `Dispatcher.start` finds room (policy +
-atomic reservation), opens the engine's stream and retries other workers if an
-engine fails before the first byte. The same call with `resume=True` continues
-a half-finished answer on another engine from prompt + tokens already sent.
+atomic reservation, or a wait in the admission queue), opens the engine's
+stream and retries other workers if an engine fails before the first byte. The
+same call with `resume=True` continues a half-finished answer on another engine
+from prompt + tokens already sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from gateway.fleet import GONE, READY, SLEEPING, RouteRequest, Worker
 from gateway.headroom import candidates
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy
-from gateway.registry import Registry
+from gateway.registry import Registry, Reservation, WorkerCache
 from gateway.relay import (
     ClientStream,
     EngineFailed,
@@ -148,7 +149,63 @@ class Attempt:
         await self.response.aclose()
 
 
+# The fleet view requests are placed from is re-read in the background this often
+# while the gateway is busy. Reservations are atomic in Redis, so a view this old
+# costs at most one refused reservation (then a fresh read and another try).
+FLEET_REFRESH_S = 0.05
+# ... and not at all after this long without a request: an idle gateway costs Redis nothing.
+FLEET_IDLE_S = 10.0
+# A view older than this (background reads stopped or failing) is read on the request's path.
+FLEET_MAX_AGE_S = 1.0
+# A line of waiting requests looks at the queue at least this often: other gateways'
+# releases, and requests leaving the queue, raise no event here.
+LINE_POLL_S = 0.1
+# Tries of the fast path (room now, nobody waiting) before a request joins the queue.
+FAST_PATH_TRIES = 3
+
+
+@dataclass
+class FleetView:
+    """The fleet as this gateway last read it from Redis."""
+
+    workers: list[Worker]
+    redis_time: float  # Redis' clock at the read
+    read_at: float  # time.monotonic() at the read
+
+    def now(self) -> float:
+        """Redis' clock now, without asking it."""
+        return self.redis_time + (time.monotonic() - self.read_at)
+
+
+@dataclass
+class Waiter:
+    """A request waiting in the admission queue, and where it learns its worker."""
+
+    job: Job
+    policy: Policy
+    placed: asyncio.Future  # the Worker with room reserved, or the error to answer
+
+
+class Line:
+    """This gateway's requests waiting for one model, and the task that places them."""
+
+    def __init__(self) -> None:
+        self.waiters: dict[str, Waiter] = {}  # request id -> waiter
+        self.wake = asyncio.Event()  # room may have appeared
+        self.task: asyncio.Task | None = None
+
+
 class Dispatcher:
+    """Places requests on workers and opens their engine streams.
+
+    A request that finds room and nobody waiting is placed at once: one policy
+    choice over the fleet view and one atomic reservation. Otherwise it joins the
+    admission queue in Redis (shared by all gateways) and awaits a future; one
+    task per model (`_dispatch`) places this gateway's waiting requests, in queue
+    order, whenever room may have appeared. The fleet view is kept fresh in the
+    background, so placing a request does not wait on reading the fleet.
+    """
+
     def __init__(self, config: GatewayConfig, registry: Registry, http: httpx.AsyncClient, metrics: GatewayMetrics, policies: dict[str, Policy]):
         self.config = config
         self.registry = registry
@@ -158,69 +215,225 @@ class Dispatcher:
         self.active: dict[str, str] = {}  # request id -> worker id, for lease renewal
         self.unreleased: set[tuple[str, str]] = set()  # releases Redis missed during an outage
         self.queue = AdmissionQueue(registry.redis)
-        self._snapshot: tuple[list[Worker], float] | None = None
-        self._snapshot_at = 0.0
+        self.cache = WorkerCache(registry)
+        self.lines: dict[str, Line] = {}  # model -> its waiting requests
+        self._view: FleetView | None = None
+        self._reading: asyncio.Future | None = None  # the fleet read in flight, shared by its callers
+        self._refresher: asyncio.Task | None = None
+        self._wanted_at = 0.0  # when the fleet view was last asked for
 
-    async def snapshot(self, max_age: float = 0.02) -> tuple[list[Worker], float]:
-        """The fleet as Redis sees it, shared by all requests of this gateway for a
-        few ms: reservations are checked atomically in Redis anyway, so a slightly
-        old view costs at most one refused reservation."""
-        if self._snapshot is None or time.monotonic() - self._snapshot_at > max_age:
-            self._snapshot = (await self.registry.workers(), await self.registry.now())
-            self._snapshot_at = time.monotonic()
-        return self._snapshot
+    # -- the fleet view ----------------------------------------------------
+
+    async def snapshot(self) -> FleetView:
+        """The fleet view to place requests on. Re-read in the background every
+        FLEET_REFRESH_S while the gateway is busy; a request waits for Redis only
+        when there is no recent view (first use, after idling, Redis away)."""
+        self._wanted_at = time.monotonic()
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_while_busy())
+        view = self._view
+        if view is None or time.monotonic() - view.read_at > FLEET_MAX_AGE_S:
+            view = await self.refresh()
+        return view
+
+    async def refresh(self, *, full: bool = False) -> FleetView:
+        """Read the fleet now (`full`: every record, changed or not); callers at the
+        same moment share one read."""
+        if full:
+            return await self._read(full=True)
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(self._read_done)
+        return await asyncio.shield(self._reading)
+
+    def _read_done(self, reading: asyncio.Future) -> None:
+        self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # a failed read is reported to its callers, not logged as lost
+
+    async def _read(self, full: bool = False) -> FleetView:
+        workers, redis_time, changed = await self.cache.read(full=full)
+        self._view = FleetView(workers, redis_time, time.monotonic())
+        if changed:
+            for line in self.lines.values():
+                if line.waiters:
+                    line.wake.set()
+        return self._view
+
+    async def _refresh_while_busy(self) -> None:
+        try:
+            while time.monotonic() - self._wanted_at < FLEET_IDLE_S:
+                await asyncio.sleep(FLEET_REFRESH_S)
+                try:
+                    await self.refresh()
+                except Exception as exc:  # Redis away: the view ages, and requests read (and fail) themselves
+                    log.debug("fleet refresh failed: %r", exc)
+        finally:
+            self._refresher = None
+
+    async def close(self) -> None:
+        """Stop the background reads and the lines' tasks (the gateway is stopping)."""
+        tasks = [t for t in (self._refresher, *(line.task for line in self.lines.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- placing -----------------------------------------------------------
 
     async def place(self, job: Job) -> Worker:
         """Reserve room on a worker for `job`; wait in the admission queue while
-        there is none, up to the queue timeout (then 429)."""
+        there is none, or others wait already, up to the queue timeout (then 429)."""
         policy = self.policies.get(job.policy_name) or self.policies[self.config.policy]
-        deadline = time.monotonic() + self.config.queue_timeout_s
-        model, rid = job.model, job.request_id
-        queued = False
-        max_age = 0.02
+        for _ in range(FAST_PATH_TRIES):
+            view = await self.snapshot()
+            await self._check_servable(job, view)
+            pool = self._pool(job.route, job.excluded, view)
+            choice = policy.choose(job.route, pool) if pool else None
+            if choice is None:
+                break
+            reservation = await self._reserve(job, choice, unless_queued=True)
+            if reservation.ok:
+                return choice
+            if reservation.reason == "queued":
+                break
+            await self.refresh()  # another gateway took that room: look again, freshly
+        return await self._wait_in_line(job, policy)
+
+    async def _wait_in_line(self, job: Job, policy: Policy) -> Worker:
+        """Join the admission queue; the model's line places the request when its turn and room come."""
+        model, request_id = job.model, job.request_id
+        waiter = Waiter(job, policy, asyncio.get_running_loop().create_future())
+        line = self.lines.setdefault(model, Line())
+        placed: Worker | None = None
         try:
-            while True:
-                workers, now = await self.snapshot(max_age)
-                max_age = 0.02
-                serving = [w for w in workers if w.model == model and w.state != GONE]
-                if not serving:
-                    if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
-                        raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-                    raise APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
-                if not any(w.state == READY and w.id not in job.excluded for w in serving):
-                    raise APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
-                pool = [
-                    w for w in candidates(workers, job.route, now, heartbeat_ttl=self.config.heartbeat_ttl_s)
-                    if w.id not in job.excluded and float(w.extra.get("breaker_until") or 0) <= now
-                ]
-                if queued:
-                    rank = await self.queue.rank(model, rid)
-                    if rank < 0:  # dropped as stale (e.g. Redis restarted): get back in line
-                        await self._enqueue(job)
-                        rank = 0
-                    may_try = bool(pool) and rank < len(pool)
-                else:
-                    # Fast path: room now and nobody waiting ahead of us.
-                    may_try = bool(pool) and await self.queue.length(model) == 0
-                if may_try:
-                    choice = policy.choose(job.route, pool)
-                    if choice is not None:
-                        if await self.registry.reserve(choice, rid, job.route.reserved_tokens):
-                            self.active[rid] = choice.id
-                            return choice
-                        max_age = 0.0  # another gateway took that room: look again, freshly
-                        continue
-                if not queued:
-                    await self._enqueue(job)
-                    queued = True
-                if time.monotonic() > deadline:
-                    raise APIError(429, f"all workers serving '{model}' are busy; try again shortly", code="overloaded", headers={"Retry-After": "2"})
-                await asyncio.sleep(0.02 + random.random() * 0.01)
+            await self._enqueue(job)
+            line.waiters[request_id] = waiter
+            if line.task is None:
+                line.task = asyncio.create_task(self._dispatch(model, line))
+            line.wake.set()  # room may have freed while we joined
+            placed = await asyncio.wait_for(waiter.placed, self.config.queue_timeout_s)
+            return placed
+        except asyncio.TimeoutError:
+            raise APIError(429, f"all workers serving '{model}' are busy; try again shortly", code="overloaded", headers={"Retry-After": "2"}) from None
         finally:
-            if queued:
-                # Shielded: a client that disconnects while waiting leaves the line.
-                with anyio.CancelScope(shield=True):
-                    await self.queue.leave(model, rid)
+            line.waiters.pop(request_id, None)
+            # Shielded: a client that disconnects while waiting leaves the line, and
+            # room reserved for it in that same moment goes back.
+            with anyio.CancelScope(shield=True):
+                if placed is None and waiter.placed.done() and not waiter.placed.cancelled() and waiter.placed.exception() is None:
+                    await self.release(job, waiter.placed.result())
+                await self.queue.leave(model, request_id)
+
+    async def _dispatch(self, model: str, line: Line) -> None:
+        """Place this gateway's waiting requests for `model` whenever room may have
+        appeared: a release here, a fleet read showing a change, and at least every
+        LINE_POLL_S for what other gateways do. Ends when nobody waits."""
+        try:
+            while line.waiters:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(line.wake.wait(), LINE_POLL_S)
+                line.wake.clear()
+                waiting = [w for w in line.waiters.values() if not w.placed.done()]
+                try:
+                    await self._place_waiting(model, waiting, line)
+                except Exception as exc:  # e.g. Redis away: answer the waiters (503) rather than keep them blind
+                    log.warning("placing queued requests for %s failed: %r", model, exc)
+                    for waiter in waiting:
+                        if not waiter.placed.done():
+                            waiter.placed.set_exception(exc)
+        finally:
+            line.task = None
+
+    async def _place_waiting(self, model: str, waiting: list[Waiter], line: Line) -> None:
+        """One pass over the line: place, in queue order, the waiting requests near
+        enough the head of the shared queue to take the room there is."""
+        if not waiting:
+            return
+        view = await self.snapshot()
+        if self._doomed(model, waiting, view):
+            view = await self.refresh(full=True)  # confirm before answering 404/503
+            for waiter in self._doomed(model, waiting, view):
+                waiter.placed.set_exception(_unservable(model, waiter.job.excluded, view.workers))
+            waiting = [w for w in waiting if not w.placed.done()]
+        # Room for the smallest request bounds every request's pool: without any,
+        # there is nothing to place and no need to ask Redis for places in line.
+        room = len(self._pool(RouteRequest(model=model, prompt_tokens=0, max_output_tokens=0), set(), view))
+        if not room or not waiting:
+            return
+        in_line: list[tuple[int, Waiter]] = []
+        for waiter, rank in zip(waiting, await self.queue.ranks(model, [w.job.request_id for w in waiting])):
+            if rank < 0:  # dropped from the queue (Redis restarted): back in line
+                await self._enqueue(waiter.job)
+            else:
+                in_line.append((rank, waiter))
+        in_line.sort(key=lambda entry: entry[0])
+        placed = 0  # requests placed in this pass no longer stand ahead of the rest
+        for rank, waiter in in_line:
+            ahead = rank - placed
+            if ahead >= room:
+                break  # nobody further back may take room either
+            job = waiter.job
+            # A request takes room only when fewer requests stand ahead of it than there
+            # are workers with room for it: it never passes one waiting at another gateway.
+            pool = self._pool(job.route, job.excluded, view)
+            if ahead >= len(pool) or waiter.placed.done():
+                continue
+            choice = waiter.policy.choose(job.route, pool)
+            if choice is None:
+                continue
+            reservation = await self._reserve(job, choice, unless_queued=False)
+            if not reservation.ok:  # our view was behind: another pass, on a fresh one
+                await self.refresh()
+                line.wake.set()
+                return
+            placed += 1
+            if waiter.placed.done() or line.waiters.get(job.request_id) is not waiter:
+                await self.release(job, choice)  # its client left meanwhile
+            else:
+                waiter.placed.set_result(choice)
+
+    def _pool(self, route: RouteRequest, excluded: set[str], view: FleetView) -> list[Worker]:
+        """The workers with room for `route` now, as far as the view knows."""
+        now = view.now()
+        return [
+            w for w in candidates(view.workers, route, now, heartbeat_ttl=self.config.heartbeat_ttl_s)
+            if w.id not in excluded and float(w.extra.get("breaker_until") or 0) <= now
+        ]
+
+    async def _check_servable(self, job: Job, view: FleetView) -> None:
+        """404 or 503 when no worker could serve `job` however long it waited;
+        confirmed by a full read, since a view may not show a worker admitted just now."""
+        if _unservable(job.model, job.excluded, view.workers) is None:
+            return
+        error = _unservable(job.model, job.excluded, (await self.refresh(full=True)).workers)
+        if error is not None:
+            raise error
+
+    @staticmethod
+    def _doomed(model: str, waiting: list[Waiter], view: FleetView) -> list[Waiter]:
+        """The waiting requests no worker could serve however long they waited,
+        judged once per set of excluded workers (most requests exclude none)."""
+        verdicts: dict[frozenset[str], bool] = {}
+        out = []
+        for waiter in waiting:
+            excluded = frozenset(waiter.job.excluded)
+            if excluded not in verdicts:
+                verdicts[excluded] = _unservable(model, excluded, view.workers) is not None
+            if verdicts[excluded]:
+                out.append(waiter)
+        return out
+
+    async def _reserve(self, job: Job, worker: Worker, *, unless_queued: bool) -> Reservation:
+        route = job.route
+        reservation = await self.registry.reserve(
+            worker, job.request_id, route.reserved_tokens, route.average_kv_tokens,
+            unless_queued=job.model if unless_queued else None,
+        )
+        # Our copy of the worker takes the counts Redis found, so the next choice sees them.
+        self.cache.note(worker.id, reservation.version, reservation.worker_fields())
+        if reservation.ok:
+            self.active[job.request_id] = worker.id
+        return reservation
 
     async def _enqueue(self, job: Job) -> None:
         await self.queue.enqueue(
@@ -231,10 +444,15 @@ class Dispatcher:
     async def release(self, job: Job, worker: Worker) -> None:
         self.active.pop(job.request_id, None)
         try:
-            await self.registry.release(worker.id, job.request_id)
+            reservation = await self.registry.release(worker.id, job.request_id)
         except Exception:
             # Redis is away: retry from housekeeping (the lease would expire anyway).
             self.unreleased.add((worker.id, job.request_id))
+            return
+        self.cache.note(worker.id, reservation.version, reservation.worker_fields())
+        line = self.lines.get(job.model)
+        if line is not None and line.waiters:
+            line.wake.set()  # the room may suit a request waiting here
 
     async def retry_releases(self) -> None:
         for worker_id, request_id in list(self.unreleased):
@@ -296,8 +514,8 @@ class Dispatcher:
             await asyncio.sleep(silence_s / 2)
             if time.monotonic() - attempt.last_event_at < silence_s:
                 continue
-            workers, _ = await self.snapshot(max_age=0.5)
-            me = next((w for w in workers if w.id == attempt.worker.id), None)
+            view = await self.snapshot()
+            me = next((w for w in view.workers if w.id == attempt.worker.id), None)
             if me is None or me.state in (GONE, SLEEPING):
                 # A sleeping engine holds a request it received at the last moment
                 # until it wakes: resume it elsewhere instead.
@@ -316,6 +534,19 @@ class Dispatcher:
             by_worker.setdefault(worker_id, []).append(request_id)
         for worker_id, request_ids in by_worker.items():
             await self.registry.renew(worker_id, request_ids)
+
+
+def _unservable(model: str, excluded: set[str] | frozenset[str], workers: list[Worker]) -> APIError | None:
+    """Why no worker could serve a request for `model` (not on `excluded` workers)
+    however long it waited, if none could."""
+    serving = [w for w in workers if w.model == model and w.state != GONE]
+    if not serving:
+        if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
+            return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+        return APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
+    if not any(w.state == READY and w.id not in excluded for w in serving):
+        return APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
+    return None
 
 
 def _engine_message(detail: bytes) -> str:

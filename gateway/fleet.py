@@ -34,7 +34,10 @@ class Worker:
     kv_capacity_tokens: int = 0  # 0 = unknown
     # Gateway-side reservations (atomic in Redis, summed over all gateways).
     reserved_requests: int = 0
-    reserved_tokens: int = 0
+    reserved_tokens: int = 0  # prompt + expected output of each: the most KV they can grow to
+    # Prompt + half the expected output of each: the KV they hold on average over
+    # their lives, which is what decode speed depends on (0 = not tracked: use reserved_tokens).
+    reserved_average_kv_tokens: int = 0
     # Engine-reported load, from the worker's heartbeat.
     running: int = 0
     waiting: int = 0
@@ -43,10 +46,13 @@ class Worker:
     energy_j: float | None = None
     energy_source: str | None = None  # "nvml" | "modeled" | None (unknown)
     tpot_ms: float | None = None  # measured time per output token, from streams
-    # Predicted decode step time: tpot ≈ tpot_base_ms + tpot_ms_per_1k_kv * (KV tokens held / 1000).
-    # From the GPU/model profile (simulated engines) or the qualification probe.
+    # Predicted decode step time: tpot ≈ tpot_base_ms + tpot_ms_per_1k_kv * (KV tokens held / 1000)
+    # + tpot_ms_per_seq * sequences (reading the weights, reading the KV cache, each
+    # sequence's share of the GEMMs and sampling). From the GPU/model profile
+    # (simulated engines) or the qualification probe.
     tpot_base_ms: float | None = None
     tpot_ms_per_1k_kv: float | None = None
+    tpot_ms_per_seq: float | None = None
     last_heartbeat: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -70,4 +76,11 @@ class RouteRequest:
 
     @property
     def reserved_tokens(self) -> int:
+        """KV tokens the request can grow to: what capacity is reserved for."""
         return self.prompt_tokens + self.max_output_tokens
+
+    @property
+    def average_kv_tokens(self) -> int:
+        """KV tokens the request holds on average over its life: its prompt, plus an
+        output that grows from nothing to `max_output_tokens`."""
+        return self.prompt_tokens + (self.max_output_tokens + 1) // 2

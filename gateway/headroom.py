@@ -20,7 +20,11 @@ DEFAULT_HEARTBEAT_TTL_S = 15.0
 
 
 def has_headroom(worker: Worker, request: RouteRequest, *, kv_threshold: float = DEFAULT_KV_THRESHOLD) -> bool:
-    """True when `worker` can take `request` now without exceeding its capacity."""
+    """True when `worker` can take `request` now without exceeding its capacity.
+
+    Capacity counts every request at its full size (prompt + expected output),
+    not its average: a worker must never be promised more KV than it has.
+    """
     if worker.reserved_requests >= worker.max_num_seqs:
         return False
     capacity = worker.kv_capacity_tokens
@@ -32,30 +36,50 @@ def has_headroom(worker: Worker, request: RouteRequest, *, kv_threshold: float =
 
 
 def kv_tokens_held(worker: Worker) -> int:
-    """KV tokens the worker holds or has promised: our reservations, or what
-    the engine reports when that is more."""
+    """KV tokens the worker holds on average while it serves what it has now.
+
+    Each reservation counts its prompt plus half its expected output: an answer
+    grows from nothing to its full length, so over its life it holds about half
+    (counting the full length, as the capacity check must, would predict ~2x the
+    KV a busy worker really reads). The engine's own report wins when it is more:
+    it covers load that is not ours (migrated streams, requests sent to the
+    engine directly), and in steady state its requests are on average halfway too.
+    """
     reported = int(worker.kv_usage * worker.kv_capacity_tokens) if worker.kv_capacity_tokens > 0 else 0
-    return max(worker.reserved_tokens, reported)
+    # A record written before the average was tracked has only the full sizes.
+    reserved = worker.reserved_average_kv_tokens or worker.reserved_tokens
+    return max(reserved, reported)
+
+
+def sequences_held(worker: Worker) -> int:
+    """Sequences in the worker's batch: our reservations, or the engine's count when more."""
+    return max(worker.reserved_requests, worker.running)
 
 
 def predicted_tpot_ms(worker: Worker, extra_request: RouteRequest | None = None) -> float | None:
     """Predicted time per output token (ms), with `extra_request` added if given.
 
-    Decode is memory-bound, so a step costs a fixed part (reading the weights)
-    plus a part growing with the KV tokens read. Without that model we fall
-    back to the TPOT measured on the worker's own streams; None if neither.
+    A decode step reads the weights once (a fixed part), reads every sequence's
+    KV cache (a part growing with the KV tokens held), and computes one token per
+    sequence (the GEMMs and sampling grow with the batch: a part per sequence,
+    which is what limits a GPU with little compute for its bandwidth, like the
+    H20). Without that model we fall back to the TPOT measured on the worker's
+    own streams; None if neither.
     """
-    if worker.tpot_base_ms is not None:
-        kv_tokens = kv_tokens_held(worker)
-        if extra_request is not None:
-            kv_tokens += extra_request.reserved_tokens
-        per_1k = worker.tpot_ms_per_1k_kv or 0.0
-        return worker.tpot_base_ms + per_1k * kv_tokens / 1000
-    return worker.tpot_ms
+    if worker.tpot_base_ms is None:
+        return worker.tpot_ms
+    kv_tokens, sequences = kv_tokens_held(worker), sequences_held(worker)
+    if extra_request is not None:
+        kv_tokens += extra_request.average_kv_tokens
+        sequences += 1
+    per_1k = worker.tpot_ms_per_1k_kv or 0.0
+    per_seq = worker.tpot_ms_per_seq or 0.0
+    return worker.tpot_base_ms + per_1k * kv_tokens / 1000 + per_seq * sequences
 
 
 def fill_fraction(worker: Worker) -> float:
-    """How full the worker is relative to its own capacity, 0..1 (or more)."""
+    """How full the worker is relative to its own capacity, 0..1 (or more): by
+    sequences, or by the KV it holds on average (`kv_tokens_held`)."""
     by_seqs = worker.reserved_requests / worker.max_num_seqs if worker.max_num_seqs > 0 else 1.0
     if worker.kv_capacity_tokens > 0:
         return max(by_seqs, kv_tokens_held(worker) / worker.kv_capacity_tokens)

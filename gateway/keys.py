@@ -7,6 +7,8 @@ touches one slot and the same code runs on Redis Cluster.
 PREFIX = "idlegrid:{fleet}"
 
 WORKERS = f"{PREFIX}:workers"  # SET of worker ids
+# HASH worker hash key -> counter bumped by every write to that hash (see registry.WorkerCache)
+WORKER_VERSIONS = f"{PREFIX}:worker_versions"
 
 
 def worker(worker_id: str) -> str:

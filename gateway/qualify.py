@@ -8,7 +8,9 @@ to first token, time per output token and throughput. A worker whose engine
 does not answer properly, or decodes far slower than the GPU profile it
 declared, is flagged: it stays in `starting` until an operator clears it
 (`idlegrid admin clear WORKER`). Otherwise it becomes `ready`, and its
-measured speed feeds the scheduler's estimate (`gateway.headroom`).
+measured speed feeds the scheduler's estimate (`gateway.headroom`): where the
+worker declared no speed model, TPOT over batch size gives one, a fixed cost
+per decode step plus a cost per sequence (`fit_speed`).
 
 Times are wall-clock, as the gateway sees them. A simulated engine run with
 `--time-scale X` decodes about X times faster than its profile declares, so it
@@ -169,9 +171,15 @@ async def _batch(client: httpx.AsyncClient, worker: Worker, size: int, max_token
 
 
 def fit_speed(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(tpot_base_ms, tpot_ms_per_1k_kv) from (KV tokens held, TPOT ms) points, by least
-    squares: decode step time grows with the KV cache read each step. A slope the noise
-    makes negative is taken as flat."""
+    """(tpot_base_ms, tpot_ms_per_seq) from (batch size, TPOT ms) points, by least
+    squares: each sequence in the batch adds its share of the GEMMs and sampling to
+    every decode step. A slope the noise makes negative is taken as flat.
+
+    The probe cannot also fit a cost per KV token (`tpot_ms_per_1k_kv`): its streams
+    all hold the same few dozen tokens, so the KV held grows in lockstep with the
+    batch, and a KV slope fitted here would be the per-sequence cost under another
+    name, charged again for every long context. Reading a few dozen tokens per
+    sequence is negligible next to computing one, so the slope is per sequence."""
     n = len(points)
     mean_x = sum(x for x, _ in points) / n
     mean_y = sum(y for _, y in points) / n
@@ -180,9 +188,9 @@ def fit_speed(points: list[tuple[float, float]]) -> tuple[float, float]:
     if slope <= 0:
         return min(y for _, y in points), 0.0
     base = mean_y - slope * mean_x
-    if base <= 0:  # the line would predict a free step at an empty cache: keep the fastest seen
-        return min(y for _, y in points), slope * 1000
-    return base, slope * 1000
+    if base <= 0:  # the line would predict a free step for an empty batch: keep the fastest seen
+        return min(y for _, y in points), slope
+    return base, slope
 
 
 async def probe(worker: Worker, settings: ProbeSettings) -> dict[str, Any]:
@@ -223,7 +231,7 @@ async def _measure(client: httpx.AsyncClient, worker: Worker, settings: ProbeSet
         # Over the decode, each stream holds its prompt plus half its answer on average.
         summary["kv_tokens"] = round(sum(s.prompt_tokens + s.tokens / 2 for s in streams))
         if summary["tpot_ms"] is not None:
-            points.append((summary["kv_tokens"], summary["tpot_ms"]))
+            points.append((size, summary["tpot_ms"]))
     out: dict[str, Any] = {
         "ttft_ms": batches[0]["ttft_ms"],
         # The median over every probe stream: one stall on a busy host, or one burst of
@@ -234,8 +242,8 @@ async def _measure(client: httpx.AsyncClient, worker: Worker, settings: ProbeSet
         "max_tokens": settings.max_tokens,
     }
     if points:
-        base, per_1k = fit_speed(points)
-        out["fit"] = {"tpot_base_ms": round(base, 4), "tpot_ms_per_1k_kv": round(per_1k, 5)}
+        base, per_seq = fit_speed(points)
+        out["fit"] = {"tpot_base_ms": round(base, 4), "tpot_ms_per_seq": round(per_seq, 5)}
     return out
 
 
@@ -245,10 +253,11 @@ def _verdict(worker: Worker, measured: dict[str, Any], settings: ProbeSettings) 
     declared = worker.tpot_base_ms
     if not declared:
         return passed
-    # Each batch against what the declared profile predicts for the KV cache it held;
-    # the median over batches, so one stalled or one bursty batch does not decide.
+    # Each batch against what the declared profile predicts for its size and the KV cache
+    # it held; the median over batches, so one stalled or one bursty batch does not decide.
     ratios = [
-        b["tpot_ms"] / (declared + (worker.tpot_ms_per_1k_kv or 0.0) * b["kv_tokens"] / 1000)
+        b["tpot_ms"] / (declared + (worker.tpot_ms_per_1k_kv or 0.0) * b["kv_tokens"] / 1000
+                        + (worker.tpot_ms_per_seq or 0.0) * b["batch"])
         for b in measured["batches"] if b["tpot_ms"] is not None
     ]
     if not ratios:
@@ -269,6 +278,7 @@ _ADMIT = """
 local w = redis.call('HMGET', KEYS[1], 'state', 'reported_state', 'cordoned', 'qualified')
 if w[1] == 'starting' and w[2] == 'ready' and w[3] ~= '1' and w[4] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'ready')
+  redis.call('HINCRBY', KEYS[2], KEYS[1], 1)
   return 1
 end
 return 0
@@ -278,7 +288,7 @@ return 0
 # A worker revoked meanwhile is not brought back, and a probe that ends after an
 # operator cleared the worker does not undo the clear.
 STORE = """
--- KEYS: worker hash; ARGV: outcome ('passed' | 'flagged' | 'cleared'), then field, value, ...
+-- KEYS: worker hash, worker versions; ARGV: outcome ('passed' | 'flagged' | 'cleared'), then field, value, ...
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= 'cleared' and redis.call('HGET', KEYS[1], 'qualified') == '1' then return 0 end
 for i = 2, #ARGV, 2 do
@@ -288,6 +298,8 @@ local w = redis.call('HMGET', KEYS[1], 'state', 'reported_state', 'cordoned', 'q
 if w[1] == 'starting' and w[2] == 'ready' and w[3] ~= '1' and w[4] == '1' then
   redis.call('HSET', KEYS[1], 'state', 'ready')
 end
+-- Gateways re-read only the worker records whose version moved.
+redis.call('HINCRBY', KEYS[2], KEYS[1], 1)
 return 1
 """
 
@@ -296,7 +308,7 @@ async def _store(redis: Redis, worker_id: str, outcome: str, fields: dict[str, s
     args = [outcome]
     for name, value in fields.items():
         args += [name, value]
-    return bool(await redis.eval(STORE, 1, keys.worker(worker_id), *args))
+    return bool(await redis.eval(STORE, 2, keys.worker(worker_id), keys.WORKER_VERSIONS, *args))
 
 
 def record_fields(worker: Worker, result: dict[str, Any]) -> dict[str, str]:
@@ -314,7 +326,7 @@ def record_fields(worker: Worker, result: dict[str, Any]) -> dict[str, str]:
     # otherwise the probe's fit is the scheduler's speed model.
     if passed and fit and fit["tpot_base_ms"] > 0 and worker.tpot_base_ms is None:
         fields["tpot_base_ms"] = str(fit["tpot_base_ms"])
-        fields["tpot_ms_per_1k_kv"] = str(fit["tpot_ms_per_1k_kv"])
+        fields["tpot_ms_per_seq"] = str(fit["tpot_ms_per_seq"])
     return fields
 
 
@@ -336,7 +348,7 @@ async def clear(redis: Redis, worker_id: str) -> bool:
 async def admit_if_qualified(redis: Redis, worker_id: str) -> bool:
     """Ready for a worker whose probe passed while its heartbeat was being stored:
     that heartbeat read "not qualified yet" and wrote `starting` over the probe's `ready`."""
-    return bool(await redis.eval(_ADMIT, 1, keys.worker(worker_id)))
+    return bool(await redis.eval(_ADMIT, 2, keys.worker(worker_id), keys.WORKER_VERSIONS))
 
 
 _running: set[asyncio.Task] = set()  # probes in flight, kept from the garbage collector

@@ -4,6 +4,8 @@ Gateways are stateless; this module is the only place that reads or writes
 fleet state. Anything two gateways could race on (reserving room on a worker,
 redeeming an enrollment token) is one Lua script, so it is atomic. Scripts read
 the clock with Redis `TIME`, so gateways on different hosts agree on "now".
+Every write to a worker's record here bumps its version (`keys.WORKER_VERSIONS`),
+so `WorkerCache` re-reads only the records that changed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -22,48 +25,61 @@ _INT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("int", "
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("float", "float | None")}
 
 # Shared by RESERVE and RELEASE: drop expired leases from the reservations hash
-# (KEYS[2]) and sum the live ones into `count` and `total` (tokens).
+# (KEYS[2]) and sum the live ones into `count`, `total` (tokens) and `average`
+# (average KV tokens). An entry is "tokens expiry average"; one written without
+# the average (by an older gateway) counts its tokens.
 _LIVE_RESERVATIONS = """
 local entries = redis.call('HGETALL', KEYS[2])
-local count, total = 0, 0
+local count, total, average = 0, 0, 0
 for i = 1, #entries, 2 do
-  local tokens, expiry = string.match(entries[i + 1], '(%d+) ([%d.]+)')
+  local tokens, expiry, avg = string.match(entries[i + 1], '(%d+) ([%d.]+) ?(%d*)')
   if tonumber(expiry) < now then
     redis.call('HDEL', KEYS[2], entries[i])
   else
     count = count + 1
     total = total + tonumber(tokens)
+    average = average + (tonumber(avg) or tonumber(tokens))
   end
 end
 """
 
 RESERVE = """
--- KEYS: worker hash, reservations hash
--- ARGV: request_id, tokens, lease_s, max_requests, max_tokens (0 = unknown), heartbeat_ttl
+-- KEYS: worker hash, reservations hash, versions hash[, admission queue]
+-- ARGV: request_id, tokens, lease_s, max_requests, max_tokens (0 = unknown), heartbeat_ttl, average_kv_tokens
+-- Returns {1 or 0, reason, live requests, live tokens, live average KV tokens, version}:
+-- the worker's reservations after the call (-1: not counted) and its record's new
+-- version (0: not written). Given the admission queue, room is refused while anyone
+-- waits in it, so a new request never passes those already in line.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+if KEYS[4] and redis.call('ZCARD', KEYS[4]) > 0 then return {0, 'queued', -1, -1, -1, 0} end
 local w = redis.call('HMGET', KEYS[1], 'state', 'last_heartbeat')
-if w[1] ~= 'ready' then return {0, 'not_ready'} end
-if now - tonumber(w[2] or '0') > tonumber(ARGV[6]) then return {0, 'stale'} end
+if w[1] ~= 'ready' then return {0, 'not_ready', -1, -1, -1, 0} end
+if now - tonumber(w[2] or '0') > tonumber(ARGV[6]) then return {0, 'stale', -1, -1, -1, 0} end
 """ + _LIVE_RESERVATIONS + """local want = tonumber(ARGV[2])
-if count + 1 > tonumber(ARGV[4]) then return {0, 'max_num_seqs'} end
+if count + 1 > tonumber(ARGV[4]) then return {0, 'max_num_seqs', count, total, average, 0} end
 -- A request larger than the whole cache still gets an empty worker, else it would starve.
 local cap = tonumber(ARGV[5])
-if cap > 0 and count > 0 and total + want > cap then return {0, 'kv_capacity'} end
-redis.call('HSET', KEYS[2], ARGV[1], want .. ' ' .. (now + tonumber(ARGV[3])))
-redis.call('HSET', KEYS[1], 'reserved_requests', count + 1, 'reserved_tokens', total + want)
-return {1, 'ok'}
+if cap > 0 and count > 0 and total + want > cap then return {0, 'kv_capacity', count, total, average, 0} end
+local want_average = tonumber(ARGV[7])
+redis.call('HSET', KEYS[2], ARGV[1], want .. ' ' .. (now + tonumber(ARGV[3])) .. ' ' .. want_average)
+redis.call('HSET', KEYS[1], 'reserved_requests', count + 1, 'reserved_tokens', total + want,
+  'reserved_average_kv_tokens', average + want_average)
+return {1, 'ok', count + 1, total + want, average + want_average, redis.call('HINCRBY', KEYS[3], KEYS[1], 1)}
 """
 
 RELEASE = """
--- KEYS: worker hash, reservations hash; ARGV: request_id
+-- KEYS: worker hash, reservations hash, versions hash; ARGV: request_id
+-- Returns {live requests, live tokens, live average KV tokens, version (0: the worker is gone)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HDEL', KEYS[2], ARGV[1])
-""" + _LIVE_RESERVATIONS + """if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'reserved_requests', count, 'reserved_tokens', total)
+""" + _LIVE_RESERVATIONS + """local version = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'reserved_requests', count, 'reserved_tokens', total, 'reserved_average_kv_tokens', average)
+  version = redis.call('HINCRBY', KEYS[3], KEYS[1], 1)
 end
-return count
+return {count, total, average, version}
 """
 
 RENEW = """
@@ -73,15 +89,15 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 for i = 2, #ARGV do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   if v then
-    local tokens = string.match(v, '(%d+) ')
-    redis.call('HSET', KEYS[1], ARGV[i], tokens .. ' ' .. (now + tonumber(ARGV[1])))
+    local tokens, average = string.match(v, '^(%d+) [%d.]+(.*)$')
+    redis.call('HSET', KEYS[1], ARGV[i], tokens .. ' ' .. (now + tonumber(ARGV[1])) .. average)
   end
 end
 return 1
 """
 
 HEARTBEAT = """
--- KEYS: worker hash; ARGV: field, value, field, value, ...
+-- KEYS: worker hash, versions hash; ARGV: field, value, field, value, ...
 -- Returns {state, command} or false when the worker is not registered.
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local t = redis.call('TIME')
@@ -95,6 +111,7 @@ for i = 1, #ARGV, 2 do
   end
 end
 redis.call('HSET', KEYS[1], 'last_heartbeat', tostring(now))
+redis.call('HINCRBY', KEYS[2], KEYS[1], 1)
 local r = redis.call('HMGET', KEYS[1], 'state', 'command')
 -- A command (drain, wake, stop) is delivered once, with this heartbeat's reply.
 redis.call('HDEL', KEYS[1], 'command')
@@ -102,10 +119,11 @@ return {r[1] or '', r[2] or ''}
 """
 
 RECORD_FAILURE = """
--- KEYS: worker hash; ARGV: threshold, window_s, open_s
+-- KEYS: worker hash, versions hash; ARGV: threshold, window_s, open_s
 -- A circuit breaker: `threshold` failures within `window_s` keep the worker out
 -- for `open_s`. Returns 1 if this failure opened the breaker.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], KEYS[1], 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local since = tonumber(redis.call('HGET', KEYS[1], 'failures_since') or '0') or 0
@@ -154,6 +172,35 @@ def _encode(value: Any) -> str:
     return str(value)
 
 
+@dataclass
+class Reservation:
+    """The outcome of reserving room on a worker (or of releasing it)."""
+
+    ok: bool
+    reason: str  # "ok", "released", or why room was refused: queued, not_ready, stale, max_num_seqs, kv_capacity
+    # The worker's live reservations after the call, summed over all gateways (None:
+    # refused before counting them), and its record's version (0: the call did not write it).
+    requests: int | None = None
+    tokens: int | None = None
+    average_kv_tokens: int | None = None
+    version: int = 0
+
+    def worker_fields(self) -> dict[str, int]:
+        """The counts as the `Worker` fields the call stored."""
+        if self.requests is None:
+            return {}
+        return {"reserved_requests": self.requests, "reserved_tokens": int(self.tokens or 0),
+                "reserved_average_kv_tokens": int(self.average_kv_tokens or 0)}
+
+
+def _counted(value: int) -> int | None:
+    return None if value < 0 else int(value)
+
+
+def _decode_raw(raw: dict[bytes, bytes]) -> Worker:
+    return _decode_worker({k.decode(): v.decode() for k, v in raw.items()})
+
+
 def _decode_worker(raw: dict[str, str]) -> Worker:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Worker):
@@ -196,6 +243,7 @@ class Registry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.worker(worker.id))
             pipe.hset(keys.worker(worker.id), mapping=fields)
+            pipe.hincrby(keys.WORKER_VERSIONS, keys.worker(worker.id), 1)
             pipe.sadd(keys.WORKERS, worker.id)
             await pipe.execute()
 
@@ -204,7 +252,7 @@ class Registry:
         args: list[str] = []
         for name, value in fields.items():
             args += [name, _encode(value)]
-        result = await self._heartbeat(keys=[keys.worker(worker_id)], args=args)
+        result = await self._heartbeat(keys=[keys.worker(worker_id), keys.WORKER_VERSIONS], args=args)
         if not result:
             return None
         state, command = (x.decode() if isinstance(x, bytes) else x for x in result)
@@ -213,13 +261,17 @@ class Registry:
     async def update(self, worker_id: str, **fields: Any) -> bool:
         if not await self.redis.exists(keys.worker(worker_id)):
             return False
-        await self.redis.hset(keys.worker(worker_id), mapping={k: _encode(v) for k, v in fields.items()})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.worker(worker_id), mapping={k: _encode(v) for k, v in fields.items()})
+            pipe.hincrby(keys.WORKER_VERSIONS, keys.worker(worker_id), 1)
+            await pipe.execute()
         return True
 
     async def remove(self, worker_id: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.srem(keys.WORKERS, worker_id)
             pipe.delete(keys.worker(worker_id), keys.reservations(worker_id))
+            pipe.hdel(keys.WORKER_VERSIONS, keys.worker(worker_id))
             await pipe.execute()
 
     async def workers(self) -> list[Worker]:
@@ -238,7 +290,7 @@ class Registry:
         for raw in replies[1:]:
             if not raw:
                 continue
-            w = _decode_worker({k.decode(): v.decode() for k, v in raw.items()})
+            w = _decode_raw(raw)
             if now - w.last_heartbeat > self.heartbeat_ttl:
                 w.state = GONE
             out.append(w)
@@ -248,20 +300,32 @@ class Registry:
         raw = await self.redis.hgetall(keys.worker(worker_id))
         if not raw:
             return None
-        return _decode_worker({k.decode(): v.decode() for k, v in raw.items()})
+        return _decode_raw(raw)
 
     # -- reservations ----------------------------------------------------
 
-    async def reserve(self, worker: Worker, request_id: str, tokens: int) -> bool:
-        """Atomically take room for one request on `worker`, summed over all gateways."""
-        ok, _reason = await self._reserve(
-            keys=[keys.worker(worker.id), keys.reservations(worker.id)],
-            args=[request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl],
+    async def reserve(self, worker: Worker, request_id: str, tokens: int, average_kv_tokens: int | None = None,
+                      *, unless_queued: str | None = None) -> Reservation:
+        """Atomically take room for one request on `worker`, summed over all gateways:
+        `tokens` of KV capacity, and `average_kv_tokens` (default: all of them) counted
+        towards the worker's predicted decode speed. With `unless_queued` (a model),
+        refused while requests wait in that model's admission queue."""
+        average = int(tokens if average_kv_tokens is None else average_kv_tokens)
+        script_keys = [keys.worker(worker.id), keys.reservations(worker.id), keys.WORKER_VERSIONS]
+        if unless_queued is not None:
+            script_keys.append(keys.queue(unless_queued))
+        ok, reason, requests, total, average_total, version = await self._reserve(
+            keys=script_keys,
+            args=[request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl,
+                  average],
         )
-        return bool(ok)
+        return Reservation(bool(ok), reason.decode() if isinstance(reason, bytes) else reason,
+                           _counted(requests), _counted(total), _counted(average_total), int(version))
 
-    async def release(self, worker_id: str, request_id: str) -> None:
-        await self._release(keys=[keys.worker(worker_id), keys.reservations(worker_id)], args=[request_id])
+    async def release(self, worker_id: str, request_id: str) -> Reservation:
+        requests, total, average_total, version = await self._release(
+            keys=[keys.worker(worker_id), keys.reservations(worker_id), keys.WORKER_VERSIONS], args=[request_id])
+        return Reservation(True, "released", int(requests), int(total), int(average_total), int(version))
 
     async def renew(self, worker_id: str, request_ids: list[str]) -> None:
         """Extend leases of live requests; a gateway that dies stops renewing, so its
@@ -271,7 +335,7 @@ class Registry:
 
     async def record_failure(self, worker_id: str, *, threshold: int = 3, window_s: float = 30.0, open_s: float = 30.0) -> bool:
         """Count an engine failure; True when it opened the worker's circuit breaker."""
-        return bool(await self._record_failure(keys=[keys.worker(worker_id)], args=[threshold, window_s, open_s]))
+        return bool(await self._record_failure(keys=[keys.worker(worker_id), keys.WORKER_VERSIONS], args=[threshold, window_s, open_s]))
 
     # -- enrollment and worker credentials -------------------------------
 
@@ -322,6 +386,77 @@ class Registry:
         key = "sk-ig-" + secrets.token_urlsafe(24)
         await self.add_api_key(key, name=name, policy=policy, allowed_centers=allowed_centers)
         return key
+
+
+class WorkerCache:
+    """The fleet as last read, re-reading only the workers whose record changed.
+
+    Fetching and parsing every worker's hash is most of what reading the fleet
+    costs, and most records have not changed since the last read a few dozen ms
+    ago. A read takes the version counters (one reply) and fetches only the
+    records whose counter moved. Writes that bypass this module (the qualification
+    probe's verdict, TPOT estimates) bump nothing: they show with the worker's next
+    heartbeat, or at once with `read(full=True)`.
+    """
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self._known: dict[str, tuple[int | None, Worker]] = {}  # worker id -> (version, record)
+
+    async def read(self, *, full: bool = False) -> tuple[list[Worker], float, bool]:
+        """(every registered worker, Redis time of the read, whether anything changed
+        since the last read). A worker that stopped heartbeating reads as GONE."""
+        async with self.registry.redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.smembers(keys.WORKERS)
+            pipe.hgetall(keys.WORKER_VERSIONS)
+            (sec, usec), members, raw_versions = await pipe.execute()
+        now = sec + usec / 1e6
+        ids = sorted(x.decode() for x in members)
+        versions = {k.decode(): int(v) for k, v in raw_versions.items()}
+
+        def version(worker_id: str) -> int | None:
+            return versions.get(keys.worker(worker_id))
+
+        # A record without a version (written before versions existed) is always re-read.
+        stale = [i for i in ids if full or i not in self._known or version(i) is None or self._known[i][0] != version(i)]
+        left = set(self._known).difference(ids)
+        for worker_id in left:
+            del self._known[worker_id]
+        if stale:
+            async with self.registry.redis.pipeline(transaction=False) as pipe:
+                for worker_id in stale:
+                    pipe.hgetall(keys.worker(worker_id))
+                records = await pipe.execute()
+            for worker_id, raw in zip(stale, records):
+                if raw:
+                    self._known[worker_id] = (version(worker_id), _decode_raw(raw))
+                else:
+                    self._known.pop(worker_id, None)
+        workers = []
+        for worker_id in ids:
+            entry = self._known.get(worker_id)
+            if entry is None:
+                continue
+            worker = entry[1]
+            if now - worker.last_heartbeat > self.registry.heartbeat_ttl:
+                worker = dataclasses.replace(worker, state=GONE)
+            workers.append(worker)
+        return workers, now, bool(stale or left)
+
+    def note(self, worker_id: str, version: int, fields: dict[str, Any]) -> None:
+        """Apply a write this gateway just made to a worker's record (it knows what
+        it wrote) to the cached record, which may be in a snapshot being used right
+        now. When that write is all that changed since the last read, the record
+        need not be fetched again."""
+        entry = self._known.get(worker_id)
+        if entry is None:
+            return
+        known_version, worker = entry
+        for name, value in fields.items():
+            setattr(worker, name, value)
+        if version and known_version is not None and version == known_version + 1:
+            self._known[worker_id] = (version, worker)
 
 
 def is_routable(worker: Worker, model: str) -> bool:

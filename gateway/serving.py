@@ -2,7 +2,8 @@
 
     auth → read + validate → place on a worker (policy, atomic reservation) →
     relay the engine's stream (tracking token ids) → on engine failure resume
-    elsewhere from prompt + tokens already sent → release → account.
+    elsewhere from prompt + tokens already sent → release when the engine is
+    done → account; the client reads the rest of the answer at its own pace.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from gateway.relay import ClientStream, Collector, EngineFailed, Piece, coalesce
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 MAX_MIGRATIONS = 3
+# Chunks of a streamed answer that may wait for the client. The engine's stream is
+# read this far ahead of the client, so its reservation ends when the engine is
+# done, not when a slow client (or a lagging relay) has taken the last chunk: a
+# slot held past the engine's end is capacity the queue cannot use. Bounded, so a
+# client that stops reading holds at most this much (~250 bytes a chunk) here.
+CLIENT_BUFFER_CHUNKS = 4096
 _MODELS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 
 
@@ -73,8 +80,10 @@ async def serve(request: Request, kind: str) -> Response:
     gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
     headers["X-Idlegrid-Worker"] = attempt.worker.id  # lets benchmarks attribute tokens per worker
     if params.stream:
-        # Chunks that are ready together go out in one write (see relay.coalesce).
-        return StreamingResponse(coalesce(stream_answer(gw, job, attempt)), media_type="text/event-stream", headers=headers)
+        # Chunks that are ready together go out in one write (see relay.coalesce), and the
+        # answer is read ahead of the client into that buffer.
+        chunks = coalesce(stream_answer(gw, job, attempt), max_pending=CLIENT_BUFFER_CHUNKS)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
     return await collect_answer(gw, job, attempt, request, headers)
 
 
@@ -137,8 +146,10 @@ async def read_json(request: Request, limit: int) -> Any:
 async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Piece]:
     """Every piece of the answer, resuming on another engine if one fails.
 
-    Always releases the reservation it holds, also when the client goes away
-    (the generator is closed, and closing the engine stream aborts the work).
+    Releases the reservation it holds as soon as the engine's stream ends (its
+    consumer reads ahead of the client: see CLIENT_BUFFER_CHUNKS), and at once
+    when the client goes away (the generator is closed, and closing the engine
+    stream aborts the work).
     """
     progress = job.progress
     watchdog: asyncio.Task | None = None

@@ -20,6 +20,7 @@ import redis
 from gateway import keys
 from gateway.embedded_redis import free_port
 from tests.conftest import MODEL
+from workers.sim.profiles import PerfModel, get_gpu, get_model
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -117,6 +118,7 @@ def test_a_worker_credential_reaches_only_its_own_record(gateway_server):
         "reclaim_reason": "file /run/reclaim exists", "reclaim_seconds": 1.5, "wake_seconds": 0.4,
         "id": b_id, "worker_id": b_id, "center": "dc-b", "engine_url": "http://attacker:1", "engine_api_key": "stolen",
         "qualified": "1", "flagged": "0", "cordoned": "0", "max_num_seqs": 100000, "tpot_base_ms": 0.001,
+        "tpot_ms_per_seq": 0.0,
     }
     r = heartbeat(gw, a_cred, forged, worker_id=b_id, id=b_id)
     assert r.status_code == 200, r.text
@@ -124,7 +126,7 @@ def test_a_worker_credential_reaches_only_its_own_record(gateway_server):
 
     assert raw_record(gw, b_id) == b_before  # not one byte of B changed
     a_after = raw_record(gw, a_id)
-    for field in (b"id", b"center", b"engine_url", b"engine_api_key", b"max_num_seqs", b"tpot_base_ms"):
+    for field in (b"id", b"center", b"engine_url", b"engine_api_key", b"max_num_seqs", b"tpot_base_ms", b"tpot_ms_per_seq"):
         assert a_after[field] == a_before[field], field
     assert b"qualified" not in a_after and b"flagged" not in a_after
     workers = {w["id"]: w for w in gw.workers()}
@@ -233,6 +235,10 @@ def test_admin_cli_end_to_end(gateway_server):
     assert (worker["center"], worker["gpu"], worker["model"], worker["state"]) == ("dc-a", "h100", MODEL, "ready")
     assert worker["qualification"]["status"] == "passed" and worker["qualification"]["tpot_ms"] > 0
     assert "engine_api_key" not in out.stdout
+    # The speed model the agent read from its simulated engine, the per-sequence cost included.
+    h100 = PerfModel(get_gpu("h100"), get_model(MODEL))
+    assert worker["tpot_base_ms"] == round(h100.tpot_base_ms, 4)
+    assert worker["tpot_ms_per_seq"] == round(h100.tpot_ms_per_seq, 5) > 0
 
     table = admin_cli(gw, "workers").stdout.splitlines()
     assert table[0].split()[:7] == ["ID", "CENTER", "GPU", "MODEL", "STATE", "LOAD", "QUALIFICATION"]

@@ -2,16 +2,22 @@
 
 Policies are plain functions of (request, candidate snapshots), so these tests
 build `Worker` objects directly; the seeded RNGs make every run identical,
-and the bounds on counts are several standard deviations wide.
+and the bounds on counts are several standard deviations wide. One test checks
+that the reservation counters policies read are kept right by Redis itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import random
+import time
 from collections import Counter
 
 import pytest
+import redis.asyncio as aioredis
 
+from gateway import keys
 from gateway.fleet import DRAINING, READY, SLEEPING, STARTING, RouteRequest, Worker
 from gateway.headroom import candidates, has_headroom, predicted_tpot_ms
 from gateway.policies import DEFAULT_POLICY, POLICIES, make_policy
@@ -21,6 +27,8 @@ from gateway.policies.prefix_affinity import PrefixAffinity
 from gateway.policies.random_choice import RandomChoice
 from gateway.policies.round_robin import RoundRobin
 from gateway.policies.slo_pack import SloPack
+from gateway.registry import Registry
+from workers.sim.profiles import PerfModel, get_gpu, get_model
 
 NOW = 1_000_000.0
 MODEL = "deepseek-r1-distill-qwen-7b"
@@ -48,6 +56,7 @@ def reserve(worker: Worker, request: RouteRequest) -> None:
     """What the gateway's atomic reservation does to the snapshot."""
     worker.reserved_requests += 1
     worker.reserved_tokens += request.reserved_tokens
+    worker.reserved_average_kv_tokens += request.average_kv_tokens
 
 
 def route_many(policy, fleet: list[Worker], request: RouteRequest, n: int) -> Counter:
@@ -74,6 +83,10 @@ def test_kv_capacity_limits_headroom_when_known():
     request = make_request()  # 5,000 tokens
     assert has_headroom(make_worker("w", kv_capacity_tokens=10_000, reserved_tokens=5_000), request)
     assert not has_headroom(make_worker("w", kv_capacity_tokens=10_000, reserved_tokens=5_001), request)
+    # Capacity counts full sizes, though a request holds only about half of it on average:
+    # a worker is never promised more KV than it has.
+    assert not has_headroom(make_worker("w", kv_capacity_tokens=10_000, reserved_tokens=5_001,
+                                        reserved_average_kv_tokens=3_001), request)
     # Unknown capacity: only max_num_seqs and the engine's KV usage bound it.
     assert has_headroom(make_worker("w", kv_capacity_tokens=0, reserved_tokens=10**9), request)
 
@@ -118,15 +131,50 @@ def test_residency_is_never_violated_even_when_allowed_centers_are_full():
     assert sorted(w.id for w in candidates(fleet, both, NOW)) == ["cn-1", "eu-1"]
 
 
-def test_predicted_tpot_grows_with_kv_tokens_and_falls_back_to_measurement():
-    worker = make_worker("w", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, reserved_tokens=40_000)
-    assert predicted_tpot_ms(worker, None) == pytest.approx(40.0)
-    assert predicted_tpot_ms(worker, make_request()) == pytest.approx(42.5)
-    # The engine reporting more KV than we reserved (load from elsewhere) counts.
-    worker.kv_usage = 0.4  # 80,000 of 200,000 tokens
-    assert predicted_tpot_ms(worker, None) == pytest.approx(60.0)
+def test_predicted_tpot_grows_with_kv_held_on_average_and_with_sequences():
+    # 10 requests reserved at 5,000 tokens each, 3,000 on average over their lives.
+    worker = make_worker("w", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, tpot_ms_per_seq=0.25,
+                         reserved_requests=10, reserved_tokens=50_000, reserved_average_kv_tokens=30_000)
+    assert predicted_tpot_ms(worker, None) == pytest.approx(20 + 15 + 2.5)
+    # One more: its prompt plus half its output (1,000 + 2,000 tokens), and one more sequence.
+    assert predicted_tpot_ms(worker, make_request()) == pytest.approx(20 + 16.5 + 2.75)
+    # The engine reporting more than we reserved (load from elsewhere) counts.
+    worker.kv_usage, worker.running = 0.4, 20  # 80,000 of 200,000 tokens
+    assert predicted_tpot_ms(worker, None) == pytest.approx(20 + 40 + 5)
+    # A record without the average (written before it was tracked) counts full sizes.
+    assert predicted_tpot_ms(make_worker("old", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, reserved_tokens=40_000)) == 40.0
     assert predicted_tpot_ms(make_worker("m", tpot_ms=33.0), make_request()) == 33.0
     assert predicted_tpot_ms(make_worker("unknown"), make_request()) is None
+
+
+def test_redis_reservations_keep_full_and_average_kv_for_the_snapshot(redis_url):
+    """Reserve, renew, release and expiry (the Lua scripts) keep both counters right."""
+    request = make_request()  # 5,000 tokens, 3,000 on average
+
+    async def scenario() -> list[tuple[int, int, int]]:
+        client = aioredis.Redis.from_url(redis_url)
+        registry = Registry(client, heartbeat_ttl=60)
+        await registry.register(make_worker("w"))
+        worker = await registry.get("w")
+
+        async def counters() -> tuple[int, int, int]:
+            w = await registry.get("w")
+            return w.reserved_requests, w.reserved_tokens, w.reserved_average_kv_tokens
+
+        seen = []
+        assert (await registry.reserve(worker, "r1", request.reserved_tokens, request.average_kv_tokens)).ok
+        assert (await registry.reserve(worker, "r2", 1_000)).ok  # no average given: counts in full
+        # A reservation an older gateway wrote ("tokens expiry"), and one whose lease ran out.
+        await client.hset(keys.reservations("w"), mapping={"old": f"2000 {time.time() + 60}", "lost": f"7000 {time.time() - 1}"})
+        await registry.renew("w", ["r1", "r2", "old"])
+        assert (await registry.reserve(worker, "r3", request.reserved_tokens, request.average_kv_tokens)).ok
+        seen.append(await counters())
+        await registry.release("w", "r1")
+        seen.append(await counters())
+        await client.aclose()
+        return seen
+
+    assert asyncio.run(scenario()) == [(4, 13_000, 9_000), (3, 8_000, 6_000)]
 
 
 # --- registry --------------------------------------------------------------
@@ -272,17 +320,26 @@ def test_prefix_affinity_without_a_prefix_uses_least_load():
 
 # --- SLO packing -------------------------------------------------------------
 
-# An H100-like and an H20-like worker: 7B decode, TPOT = base + slope * KV/1000.
-FAST = dict(gpu="h100", tpot_base_ms=10.0, tpot_ms_per_1k_kv=0.3, kv_capacity_tokens=300_000)
-SLOW = dict(gpu="h20", tpot_base_ms=25.0, tpot_ms_per_1k_kv=0.6, kv_capacity_tokens=150_000)
-SAME = dict(tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5)  # meets 60 ms up to 80k KV tokens
+# An H100-like and an H20-like worker: TPOT = base + per_1k_kv * KV/1000 + per_seq * sequences.
+# The H20 has a sixth of the H100's compute, so each sequence costs it ten times more.
+FAST = dict(gpu="h100", tpot_base_ms=10.0, tpot_ms_per_1k_kv=0.3, tpot_ms_per_seq=0.05, kv_capacity_tokens=300_000)
+SLOW = dict(gpu="h20", tpot_base_ms=25.0, tpot_ms_per_1k_kv=0.6, tpot_ms_per_seq=0.5, kv_capacity_tokens=150_000)
+# Each request of make_request() (3,000 KV tokens on average) adds 1.5 + 0.5 ms: 20 requests make 60 ms.
+SAME = dict(tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, tpot_ms_per_seq=0.5)
+
+
+def holding(n: int, request: RouteRequest | None = None) -> dict:
+    """Snapshot fields of a worker holding `n` reservations of `request`."""
+    request = request or make_request()
+    return dict(reserved_requests=n, reserved_tokens=n * request.reserved_tokens,
+                reserved_average_kv_tokens=n * request.average_kv_tokens)
 
 
 def test_slo_pack_fills_one_gpu_to_its_slo_before_touching_the_next():
     fleet = [make_worker(name, **SAME) for name in ("a", "b", "c")]
-    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 20)
-    # 16 requests of 5k tokens take "a" to 80k KV (exactly 60 ms); the rest go to "b".
-    assert picks == Counter({"a": 16, "b": 4})
+    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 24)
+    # 20 requests take "a" to exactly 60 ms; the rest go to "b".
+    assert picks == Counter({"a": 20, "b": 4})
     assert fleet[2].reserved_requests == 0  # a whole GPU left idle for training
     assert all(predicted_tpot_ms(w) <= 60 for w in fleet)
 
@@ -290,16 +347,16 @@ def test_slo_pack_fills_one_gpu_to_its_slo_before_touching_the_next():
 def test_slo_pack_prefers_the_busiest_worker_that_still_meets_the_slo():
     fleet = [
         make_worker("idle", **SAME),
-        make_worker("half", reserved_tokens=40_000, reserved_requests=8, **SAME),
-        make_worker("nearly-full", reserved_tokens=78_000, reserved_requests=15, **SAME),  # +5k breaks 60 ms
+        make_worker("half", **holding(8), **SAME),
+        make_worker("full", **holding(20), **SAME),  # one more breaks 60 ms
     ]
     assert SloPack().choose(make_request(), fleet).id == "half"
 
 
 def test_slo_pack_spills_to_the_lowest_predicted_tpot_when_no_worker_meets_the_slo():
     fleet = [
-        make_worker("slow-busy", reserved_tokens=100_000, **SLOW),  # 25 + 63 = 88 ms
-        make_worker("fast-busy", reserved_tokens=200_000, **FAST),  # 10 + 61.5 = 71.5 ms
+        make_worker("slow-busy", reserved_average_kv_tokens=50_000, reserved_requests=20, **SLOW),  # 25 + 31.8 + 10.5 ms
+        make_worker("fast-busy", reserved_average_kv_tokens=170_000, reserved_requests=40, **FAST),  # 10 + 51.9 + 2.05 ms
         make_worker("measured", tpot_ms=80.0),
     ]
     assert SloPack(tpot_slo_ms=60).choose(make_request(), fleet).id == "fast-busy"
@@ -307,18 +364,64 @@ def test_slo_pack_spills_to_the_lowest_predicted_tpot_when_no_worker_meets_the_s
 
 def test_slo_pack_packs_fast_gpus_deeper_than_slow_ones():
     fleet = [make_worker("h20", **SLOW), make_worker("h100", **FAST)]
-    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 40)
-    # The H100 is empty-first (faster) and meets 60 ms up to 166k KV tokens
-    # (33 requests); the H20 only up to 58k (11 requests).
-    assert picks == Counter({"h100": 33, "h20": 7})
+    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 60)
+    # The H100 is empty-first (faster) and meets 60 ms up to 52 requests; the H20
+    # (5x the cost per request: 1.8 + 0.5 ms) would only up to 15.
+    assert picks == Counter({"h100": 52, "h20": 8})
+    assert all(predicted_tpot_ms(w) <= 60 for w in fleet)
+
+
+def sim_profiled(id: str, gpu: str, **fields) -> tuple[Worker, PerfModel]:
+    """A worker with the speed model a simulated engine of the 7B model on `gpu`
+    enrolls with, and that engine's own roofline model to check it against."""
+    perf = PerfModel(get_gpu(gpu), get_model(MODEL))
+    worker = make_worker(id, gpu=gpu, max_num_seqs=256, kv_capacity_tokens=perf.kv_capacity_tokens,
+                         tpot_base_ms=perf.tpot_base_ms, tpot_ms_per_1k_kv=perf.tpot_ms_per_1k_kv,
+                         tpot_ms_per_seq=perf.tpot_ms_per_seq, **fields)
+    return worker, perf
+
+
+def modeled_tpot_ms(perf: PerfModel, worker: Worker) -> float:
+    """What the engine would really decode at: its roofline at the worker's batch, each
+    request holding its lifetime-average KV."""
+    batch = worker.reserved_requests
+    return perf.step_seconds(batch, worker.reserved_average_kv_tokens, batch) * 1000
+
+
+R1 = make_request(prompt_tokens=120, max_output_tokens=4_000)  # a short question, a long reasoning answer
+
+
+def test_slo_pack_spills_from_an_h20_whose_batch_is_too_big_for_its_compute():
+    h20, h20_perf = sim_profiled("h20", "h20", **holding(230, R1))
+    h100, _ = sim_profiled("h100", "h100", **holding(100, R1))
+    policy = SloPack(tpot_slo_ms=60)
+    # 231 R1 sequences hold little KV for an H20's cache, but its GEMMs make each step
+    # take over 60 ms; the prediction sees it, and the request goes to the H100.
+    assert h20_perf.step_seconds(231, 231 * R1.average_kv_tokens, 231) * 1000 > 60
+    assert predicted_tpot_ms(h20, R1) > 60
+    assert policy.choose(R1, [h20, h100]) is h100
+    # Without the per-sequence term (the speed model before it), the H20 looked half
+    # idle and, being the fuller GPU, got the request.
+    blind = dataclasses.replace(h20, tpot_ms_per_seq=None)
+    assert predicted_tpot_ms(blind, R1) < 20
+    assert policy.choose(R1, [blind, h100]) is blind
+
+
+def test_slo_pack_keeps_every_gpu_within_the_slo_its_engine_really_decodes_at():
+    (h20, h20_perf), (h100, h100_perf) = sim_profiled("h20", "h20"), sim_profiled("h100", "h100")
+    picks = route_many(SloPack(tpot_slo_ms=60), [h20, h100], R1, 300)
+    # The H20 takes what its compute allows at 60 ms, the H100 the rest.
+    assert 200 <= picks["h20"] <= 220 and picks["h100"] == 300 - picks["h20"], picks
+    assert 55 < modeled_tpot_ms(h20_perf, h20) <= 60
+    assert modeled_tpot_ms(h100_perf, h100) <= 60
 
 
 def test_slo_pack_prefers_the_requests_own_center_when_it_meets_the_slo():
-    far = make_worker("far", center="eu", reserved_tokens=50_000, reserved_requests=10, **SAME)
+    far = make_worker("far", center="eu", **holding(10), **SAME)
     near = make_worker("near", center="us", **SAME)
     policy = SloPack()
     assert policy.choose(make_request(center="us"), [far, near]) is near
-    near.reserved_tokens = 79_000  # local GPU can no longer meet the SLO
+    near.reserved_requests, near.reserved_average_kv_tokens = 20, 60_000  # local GPU can no longer meet the SLO
     assert policy.choose(make_request(center="us"), [far, near]) is far
     assert policy.choose(make_request(), [far, near]) is far  # no center: pure packing
 
@@ -328,5 +431,5 @@ def test_slo_pack_uses_unprofiled_workers_only_when_known_ones_miss_the_slo():
     blind = make_worker("blind")  # no profile, no measured stream yet
     policy = SloPack()
     assert policy.choose(make_request(), [blind, known]) is known
-    known.reserved_tokens = 90_000
+    known.reserved_average_kv_tokens = 90_000
     assert policy.choose(make_request(), [blind, known]) is blind

@@ -22,6 +22,7 @@ from gateway.embedded_redis import free_port
 from gateway.qualify import fit_speed
 from tests.conftest import MODEL, start_gateway
 from tests.test_enrollment import admin_cli, assert_refused
+from workers.sim.profiles import PerfModel, get_gpu, get_model
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 ENGINE_KEY = "eng-test-key"
@@ -64,12 +65,12 @@ class RawWorker:
 
 
 @contextlib.contextmanager
-def running_sim_engine(gpu: str):
+def running_sim_engine(gpu: str, model: str = MODEL):
     """A real simulated engine in real time (time scale 1), with an API key, in a
     process of its own as a worker agent would run it: (URL, its /v1/sim/info)."""
     port = free_port()
     engine = subprocess.Popen([sys.executable, "-m", "gateway.cli", "sim-engine", "--port", str(port), "--gpu", gpu,
-                               "--model", MODEL, "--time-scale", "1", "--max-model-len", "4096", "--api-key", ENGINE_KEY],
+                               "--model", model, "--time-scale", "1", "--max-model-len", "4096", "--api-key", ENGINE_KEY],
                               stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -138,6 +139,7 @@ def test_worker_is_ready_only_after_qualification(gateway_server):
     # The measured TPOT feeds the scheduler; the simulator's declared profile is kept.
     assert worker["tpot_ms"] == q["tpot_ms"]
     assert worker["tpot_base_ms"] == q["declared_tpot_base_ms"] > 0
+    assert worker["tpot_ms_per_seq"] == round(PerfModel(get_gpu("h100"), get_model(MODEL)).tpot_ms_per_seq, 5)
     assert not worker["flagged"] and worker["qualified"] and q["slowdown"] < 3
     with gw.client as c:
         r = c.post("/v1/chat/completions", json=CHAT)
@@ -159,7 +161,8 @@ def test_first_ready_heartbeat_is_held_in_starting(gateway_server, sim_engine):
     assert q["status"] == "passed" and q["declared_tpot_base_ms"] is None
     # With nothing declared, the scheduler's speed model is fitted from the batches...
     assert record["tpot_base_ms"] == q["fit"]["tpot_base_ms"] > 0
-    assert record["tpot_ms_per_1k_kv"] == q["fit"]["tpot_ms_per_1k_kv"] >= 0
+    assert record["tpot_ms_per_seq"] == q["fit"]["tpot_ms_per_seq"] >= 0
+    assert record["tpot_ms_per_1k_kv"] is None  # not measurable with the probe's short streams
     # ...and is about what the engine's profile says (real time, 1.7 ms/token on H100).
     assert 0.3 < record["tpot_ms"] / sim_engine[1]["tpot_base_ms"] < 3
     assert worker.beat() == "ready"
@@ -251,10 +254,24 @@ def test_qualification_can_be_turned_off(redis_url, sim_engine):
 
 
 def test_speed_fit_recovers_a_line_and_ignores_a_falling_one():
-    base, per_1k = fit_speed([(100, 2.1), (400, 2.4), (800, 2.8)])
-    assert base == pytest.approx(2.0, abs=0.01) and per_1k == pytest.approx(1.0, abs=0.02)
-    assert fit_speed([(100, 3.0), (400, 2.5), (800, 2.9)]) == (2.5, 0.0)  # noise, not a trend
-    assert fit_speed([(100, 2.0)]) == (2.0, 0.0)
+    base, per_seq = fit_speed([(1, 2.1), (4, 2.4), (8, 2.8)])
+    assert base == pytest.approx(2.0, abs=0.01) and per_seq == pytest.approx(0.1, abs=0.002)
+    assert fit_speed([(1, 3.0), (4, 2.5), (8, 2.9)]) == (2.5, 0.0)  # noise, not a trend
+    assert fit_speed([(1, 2.0)]) == (2.0, 0.0)
+
+
+def test_probe_fits_the_cost_of_each_sequence_in_the_batch(gateway_server):
+    """An engine that declares no speed gets one from the probe: on an H20 (little
+    compute for its bandwidth) each sequence of a 14B model adds ~0.4 ms to a step,
+    which is what limits how big a batch meets the TPOT SLO."""
+    gw = gateway_server
+    with running_sim_engine("h20", "deepseek-r1-distill-qwen-14b") as (url, info):
+        with RawWorker(gw.url, gw.enroll_token("dc-a"), url, model="deepseek-r1-distill-qwen-14b") as worker:
+            record = wait_for_worker(gw, worker.id, lambda w: w["state"] == "ready" or w["flagged"], 20)
+    fit = record["qualification"]["fit"]
+    assert record["tpot_ms_per_seq"] == fit["tpot_ms_per_seq"]
+    assert 0.7 < fit["tpot_ms_per_seq"] / info["tpot_ms_per_seq"] < 1.4, (fit, info)
+    assert 0.8 < fit["tpot_base_ms"] / info["tpot_base_ms"] < 1.25, (fit, info)
 
 
 @pytest.mark.vllm

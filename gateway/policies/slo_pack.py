@@ -6,6 +6,13 @@ to 512), and a GPU left with no work can go back to training. So among the
 workers whose predicted time per output token, with this request added, still
 meets the SLO, pick the fullest (relative to its own capacity). Only when none
 meets it, spill to the one that would decode fastest.
+
+The prediction (`gateway.headroom.predicted_tpot_ms`) is each GPU's own speed
+model: a fixed cost per decode step, a cost per KV token read (each request
+counted at its prompt plus half its expected output, the KV it holds on average
+over its life) and a cost per sequence in the batch. The last is what stops a
+GPU with little compute for its bandwidth (an H20) at a smaller batch than its
+KV cache alone would suggest.
 """
 
 from __future__ import annotations
