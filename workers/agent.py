@@ -1,6 +1,7 @@
 """`idlegrid worker`: the agent an operator runs beside one GPU.
 
-It starts an engine (vLLM or the simulated one) in a process group of its own,
+It starts an engine (vLLM, the simulated one, or the torch engine: a random-weight
+model doing real work on a real GPU) in a process group of its own,
 or attaches to one already running, waits until the engine is healthy, enrolls
 with a gateway using a one-time token, and then heartbeats every second with
 the load it scrapes from the engine's `/metrics` and the GPU's energy counter.
@@ -62,8 +63,9 @@ WAKING = "waking"
 LIFECYCLE_TIMEOUT_S = 300.0
 
 # Time an engine gets to answer /health after it is launched: vLLM loads weights
-# and profiles memory (minutes on a big model); the simulated engine is instant.
-DEFAULT_START_TIMEOUT = {"vllm": 1800.0, "sim": 60.0, "external": 60.0}
+# and profiles memory (minutes on a big model); the simulated engine is instant; the
+# torch engine starts CUDA and draws its random weights (seconds to a minute).
+DEFAULT_START_TIMEOUT = {"vllm": 1800.0, "sim": 60.0, "torch": 600.0, "external": 60.0}
 
 
 class AgentError(Exception):
@@ -84,20 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--center", required=True, help="the computing center this GPU is in")
     engine = parser.add_argument_group("engine (choose --engine or --engine-url)")
-    engine.add_argument("--engine", choices=["vllm", "sim"], help="launch a vLLM or a simulated engine")
+    engine.add_argument("--engine", choices=["vllm", "sim", "torch"],
+                        help="launch a vLLM, a simulated, or a torch engine (random weights, real GPU work)")
     engine.add_argument("--engine-url", metavar="URL", help="attach to an engine that is already running")
     engine.add_argument("--engine-api-key", metavar="KEY", help="API key of the --engine-url engine")
-    engine.add_argument("--model", help="model to serve (vllm: a path or hub id; sim: a model profile id)")
+    engine.add_argument("--model", help="model to serve (vllm: a path or hub id; sim: a model profile id; torch: a config, e.g. 8b)")
     engine.add_argument("--gpu", help="GPU profile (sim, required) or GPU name to report (default: from NVML)")
     engine.add_argument("--gpu-index", help="NVML index or UUID of the GPU to meter (default: first of CUDA_VISIBLE_DEVICES, else 0)")
     engine.add_argument("--time-scale", type=float, help="sim: simulated seconds per wall-clock second")
-    engine.add_argument("--seed", type=int, help="sim: seed of the deterministic output")
+    engine.add_argument("--seed", type=int, help="sim: seed of the deterministic output; torch: seed of the weights")
     engine.add_argument("--extra-latency-ms", type=float, help="sim: round trip added to every response, to emulate a distant center")
     engine.add_argument("--max-num-seqs", type=int, help="most sequences the engine runs at once")
     engine.add_argument("--host", default="127.0.0.1", help="address the launched engine listens on (default 127.0.0.1)")
     engine.add_argument("--advertise-host", help="host gateways use to reach the engine (default: --host, or this machine's name if --host is 0.0.0.0)")
     engine.add_argument("--engine-port", type=int, help="port of the launched engine (default: a free one)")
-    engine.add_argument("--engine-start-timeout", type=float, metavar="S", help="seconds to wait for engine /health (default: vllm 1800, sim 60)")
+    engine.add_argument("--engine-start-timeout", type=float, metavar="S", help="seconds to wait for engine /health (default: vllm 1800, sim 60, torch 600)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S", help="seconds between heartbeats (default 1.0)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S", help="with --no-handover: seconds in-flight requests get to finish on shutdown (default 30)")
     parser.add_argument("--handover", action=argparse.BooleanOptionalAction, default=True,
@@ -113,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reclaim.add_argument("--wake-after", type=float, default=5.0, metavar="S", help="seconds every reclaim signal must be clear before the engine wakes (default 5)")
     reclaim.add_argument("--on-reclaim", choices=["sleep", "stop"], default="sleep", help="free the GPU by sleeping the engine (default) or stopping it")
     reclaim.add_argument("--sleep-level", type=int, choices=[1, 2], default=1, help="vLLM sleep level: 1 moves weights to host memory, 2 drops them (default 1)")
-    parser.add_argument("engine_args", nargs="*", metavar="-- ENGINE_ARGS", help="extra arguments for vLLM, after --")
+    parser.add_argument("engine_args", nargs="*", metavar="-- ENGINE_ARGS",
+                        help="extra arguments for vLLM or the torch engine (e.g. --device cpu), after --")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -123,7 +127,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if not args.gateway.startswith(("http://", "https://")):
         raise AgentError(f"--gateway must be an http(s) URL, got {args.gateway!r}")
     if bool(args.engine) == bool(args.engine_url):
-        raise AgentError("give exactly one of --engine vllm|sim or --engine-url URL")
+        raise AgentError("give exactly one of --engine vllm|sim|torch or --engine-url URL")
     if args.engine_url and not args.engine_url.startswith(("http://", "https://")):
         raise AgentError(f"--engine-url must be an http(s) URL, got {args.engine_url!r}")
     if args.engine_api_key and not args.engine_url:
@@ -132,10 +136,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AgentError(f"--engine {args.engine} needs --model")
     if args.engine == "sim" and not args.gpu:
         raise AgentError("--engine sim needs --gpu (a GPU profile such as h100)")
-    if args.engine != "sim" and (args.time_scale is not None or args.seed is not None or args.extra_latency_ms is not None):
-        raise AgentError("--time-scale and --seed only apply to --engine sim")
-    if args.engine_args and args.engine != "vllm":
-        raise AgentError(f"extra engine arguments {' '.join(args.engine_args)!r} only apply to --engine vllm")
+    if args.engine != "sim" and (args.time_scale is not None or args.extra_latency_ms is not None):
+        raise AgentError("--time-scale and --extra-latency-ms only apply to --engine sim")
+    if args.engine not in ("sim", "torch") and args.seed is not None:
+        raise AgentError("--seed only applies to --engine sim or torch")
+    if args.engine_args and args.engine not in ("vllm", "torch"):
+        raise AgentError(f"extra engine arguments {' '.join(args.engine_args)!r} only apply to --engine vllm or torch")
     if args.heartbeat_interval <= 0 or args.heartbeat_interval > 1.0:
         raise AgentError("--heartbeat-interval must be more than 0 and at most 1 second")
     if args.drain_timeout < 0:
@@ -203,6 +209,15 @@ def engine_spec(args: argparse.Namespace) -> EngineSpec:
         if args.extra_latency_ms:
             argv += ["--extra-latency-ms", str(args.extra_latency_ms)]
         return EngineSpec("sim", url, api_key, argv=argv, env=None, max_num_seqs=args.max_num_seqs)
+    if args.engine == "torch":
+        # The engine inherits CUDA_VISIBLE_DEVICES, so it runs on the GPU the agent meters.
+        argv = [sys.executable, "-m", "workers.torch_engine", "--host", args.host, "--port", str(port),
+                "--config", args.model, "--api-key", api_key]
+        if args.seed is not None:
+            argv += ["--seed", str(args.seed)]
+        max_num_seqs = args.max_num_seqs or 64  # the engine's default, said aloud so the gateway knows it
+        argv += ["--max-num-seqs", str(max_num_seqs), *args.engine_args]
+        return EngineSpec("torch", url, api_key, argv=argv, env=None, max_num_seqs=max_num_seqs)
     from workers.vllm_launch import vllm_command, vllm_missing_reason
 
     missing = vllm_missing_reason()
@@ -325,6 +340,7 @@ class Agent:
             "kv_capacity_tokens": None,
             "tpot_base_ms": None,
             "tpot_ms_per_1k_kv": None,
+            "tpot_ms_per_seq": None,
         }
         metrics = await self.scrape()
         if metrics is not None and metrics.kv_capacity_tokens:
@@ -333,7 +349,7 @@ class Agent:
             response = await self.engine_http.get(f"{self.spec.url}/v1/sim/info")
             response.raise_for_status()
             sim = response.json()
-            for field in ("max_num_seqs", "kv_capacity_tokens", "tpot_base_ms", "tpot_ms_per_1k_kv"):
+            for field in ("max_num_seqs", "kv_capacity_tokens", "tpot_base_ms", "tpot_ms_per_1k_kv", "tpot_ms_per_seq"):
                 if sim.get(field) is not None:
                     info[field] = sim[field]
         return info
@@ -386,6 +402,7 @@ class Agent:
             "engine_pid": self.engine.pid if self.engine else None,
             "tpot_base_ms": info["tpot_base_ms"],
             "tpot_ms_per_1k_kv": info["tpot_ms_per_1k_kv"],
+            "tpot_ms_per_seq": info["tpot_ms_per_seq"],
         }
         # Capacity we could not learn is left out: the gateway then assumes its defaults.
         for field in ("max_num_seqs", "kv_capacity_tokens"):
@@ -648,7 +665,7 @@ class Agent:
             try:
                 await self.engine_call("/collective_rpc", json={"method": "reload_weights"}, timeout=LIFECYCLE_TIMEOUT_S)
             except AgentError as exc:
-                if self.spec.kind != "sim":  # the simulated engine has no weights to reload
+                if self.spec.kind not in ("sim", "torch"):  # no weights to reload; the torch engine rebuilds its own
                     log.warning("could not reload weights after sleep level 2: %s", exc)
         await self.engine_call("/wake_up", timeout=LIFECYCLE_TIMEOUT_S)
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from .engine import SimConfig, SimEngine
 from .profiles import GPUS, MODELS, ProfileError
-from .server import SimServer
+from .server import SimServer, serve_until_signalled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,13 +86,5 @@ async def _serve(engines: list[SimEngine], log_level: str) -> int:
         f"max_num_seqs {first.config.max_num_seqs}) at {', '.join(server.urls)}",
         flush=True,
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    waiting = asyncio.ensure_future(server.wait())
-    stop_requested = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({waiting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
-    stop_requested.cancel()
-    await server.stop()
+    await serve_until_signalled(server)
     return 0

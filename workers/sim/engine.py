@@ -135,7 +135,21 @@ class SimEngine:
         )
         self.time_scale = float(config.time_scale)
         self.num_gpu_blocks = self.perf.num_gpu_blocks
+        self._init_batch()
 
+        # The simulated clock and the energy it carries.
+        self.sim_seconds = 0.0
+        self.busy_seconds = 0.0  # simulated time spent running steps
+        self.lag_seconds = 0.0  # wall time the steps ran late because the CPU could not keep up
+        self.energy_j = 0.0
+        self.power_w = self.gpu.idle_w
+        self._idle_since: float | None = time.monotonic()
+        self._anchor_wall = 0.0
+        self._anchor_sim = 0.0
+
+    def _init_batch(self) -> None:
+        """The empty batch, lifecycle state and counters (engines that run a real
+        model on a real GPU share these; see workers.torch_engine)."""
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.held: list[SimRequest] = []  # arrived while paused
@@ -152,16 +166,6 @@ class SimEngine:
         self.generation_tokens_total = 0
         self.preemptions_total = 0
         self.finished_total = dict.fromkeys(FINISH_REASONS, 0)
-
-        # The simulated clock and the energy it carries.
-        self.sim_seconds = 0.0
-        self.busy_seconds = 0.0  # simulated time spent running steps
-        self.lag_seconds = 0.0  # wall time the steps ran late because the CPU could not keep up
-        self.energy_j = 0.0
-        self.power_w = self.gpu.idle_w
-        self._idle_since: float | None = time.monotonic()
-        self._anchor_wall = 0.0
-        self._anchor_sim = 0.0
 
     # --- requests ---------------------------------------------------------------------
 
@@ -284,7 +288,7 @@ class SimEngine:
         await self.pause(mode)
         if level < 1 or self.is_sleeping:
             return
-        await asyncio.sleep(self.perf.sleep_seconds(level) / self.time_scale)
+        await self._leave_gpu(level)
         self.sleep_level = level
         # The KV cache is gone: kept requests recompute their context on wake-up.
         for request in self.running:
@@ -296,9 +300,17 @@ class SimEngine:
 
     async def wake_up(self) -> None:
         if self.is_sleeping:
-            await asyncio.sleep(self.perf.wake_seconds(self.sleep_level) / self.time_scale)
+            await self._return_to_gpu(self.sleep_level)
             self.sleep_level = 0
         self.resume()
+
+    async def _leave_gpu(self, level: int) -> None:
+        """Free the GPU for sleep `level`: here, the modelled time to move or drop the weights."""
+        await asyncio.sleep(self.perf.sleep_seconds(level) / self.time_scale)
+
+    async def _return_to_gpu(self, level: int) -> None:
+        """Undo `_leave_gpu(level)`: here, the modelled time to bring the weights back."""
+        await asyncio.sleep(self.perf.wake_seconds(level) / self.time_scale)
 
     # --- what /metrics reports --------------------------------------------------------
 
@@ -399,9 +411,13 @@ class SimEngine:
             return None
         step.tokens = sum(tokens for _, tokens in step.work)
         step.kv_tokens = sum(request.computed + tokens for request, tokens in step.work)
+        self._price(step)
+        return step
+
+    def _price(self, step: _Step) -> None:
+        """The step's modelled time and power."""
         step.seconds = self.perf.step_seconds(step.tokens, step.kv_tokens, len(step.work))
         step.power_w = self.perf.power_watts(step.tokens)
-        return step
 
     def _reserve(self, request: SimRequest, tokens: int) -> bool:
         """Blocks for `tokens` of KV, preempting the newest requests if needed (as vLLM does)."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import signal
 import socket
 import threading
 import time
@@ -79,13 +80,15 @@ class LatencyMiddleware:
 # --- the app --------------------------------------------------------------------------------
 
 
-def build_app(engine: SimEngine) -> Starlette:
-    api = EngineApi(engine)
+def build_app(engine: SimEngine, api: EngineApi | None = None, *, info_path: str = "/v1/sim/info") -> Starlette:
+    """The engine's vLLM surface. Other engines built on the simulator's core
+    (the torch engine) pass their own `api` and info route."""
+    api = api or EngineApi(engine)
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
-        Route("/v1/sim/info", api.info, methods=["GET"]),
+        Route(info_path, api.info, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/version", api.version, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
@@ -99,7 +102,7 @@ def build_app(engine: SimEngine) -> Starlette:
     middleware = []
     if engine.config.api_key:
         middleware.append(Middleware(ApiKeyMiddleware, api_key=engine.config.api_key))
-    if engine.config.extra_latency_ms > 0:
+    if getattr(engine.config, "extra_latency_ms", 0) > 0:  # only simulated engines emulate distance
         delay = engine.config.extra_latency_ms / 1000 / engine.time_scale
         middleware.append(Middleware(LatencyMiddleware, seconds=delay))
     return Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
@@ -456,9 +459,11 @@ class _Server(uvicorn.Server):
 class SimServer:
     """Serves engines on their ports from the current event loop."""
 
-    def __init__(self, engines: Sequence[SimEngine], *, log_level: str = "warning") -> None:
+    def __init__(self, engines: Sequence[SimEngine], *, log_level: str = "warning",
+                 app_for: Callable[[Any], Starlette] = build_app) -> None:
         self.engines = list(engines)
         self.log_level = log_level
+        self.app_for = app_for
         self._servers: list[_Server] = []
         self._tasks: list[asyncio.Task] = []
 
@@ -472,7 +477,7 @@ class SimServer:
         for engine, sock in zip(self.engines, sockets):
             engine.config.port = sock.getsockname()[1]
             config = uvicorn.Config(
-                build_app(engine), log_level=self.log_level, access_log=False, lifespan="off",
+                self.app_for(engine), log_level=self.log_level, access_log=False, lifespan="off",
                 timeout_keep_alive=30, timeout_graceful_shutdown=1,
             )
             server = _Server(config)
@@ -484,7 +489,7 @@ class SimServer:
             if failed:
                 await self.stop()
                 failed[0].result()
-                raise RuntimeError("a simulated engine's server stopped while starting")
+                raise RuntimeError(f"the engine server on port {engine.config.port} stopped while starting")
             await asyncio.sleep(0.01)
 
     async def wait(self) -> None:
@@ -496,6 +501,19 @@ class SimServer:
         for engine in self.engines:
             await engine.stop()  # ends open streams, so servers need not wait for them
         await self.wait()
+
+
+async def serve_until_signalled(server: SimServer) -> None:
+    """Serve a started server until SIGINT/SIGTERM (or until it stops), then stop it."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    waiting = asyncio.ensure_future(server.wait())
+    stop_requested = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({waiting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    stop_requested.cancel()
+    await server.stop()
 
 
 async def serve_engines(engines: Sequence[SimEngine], *, log_level: str = "warning") -> None:
@@ -527,10 +545,11 @@ class EnginesInThread:
             httpx.get(fleet.urls[0] + "/health")
     """
 
-    def __init__(self, engines: Sequence[SimEngine], *, log_level: str = "warning") -> None:
+    def __init__(self, engines: Sequence[SimEngine], *, log_level: str = "warning",
+                 app_for: Callable[[Any], Starlette] = build_app) -> None:
         self.engines = list(engines)
         self.loop = asyncio.new_event_loop()
-        self._server = SimServer(self.engines, log_level=log_level)
+        self._server = SimServer(self.engines, log_level=log_level, app_for=app_for)
         self._thread = threading.Thread(target=self.loop.run_forever, name="sim-engines", daemon=True)
 
     @property
