@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class GatewayConfig:
     redis_url: str
     center: str = "default"
+    # Round trips (ms) from this gateway's center to others, until measured (gateway.distance).
+    center_rtt_ms: dict[str, float] = field(default_factory=dict)
     policy: str = "slo_pack"  # gateway.policies.DEFAULT_POLICY
     admin_token: str = ""
     # Largest request body accepted (413 above it).

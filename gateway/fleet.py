@@ -73,6 +73,13 @@ class RouteRequest:
     center: str = ""  # the gateway's own center
     allowed_centers: tuple[str, ...] = ()  # empty = any
     api_key_id: str = ""
+    # Round trip (ms) from the gateway to each center (gateway.distance), and how
+    # long the request would wait for room in the gateway's own center (ms; None:
+    # nothing to wait for there: no worker, or none whose speed is known). A
+    # request leaves its center only when the wait saved is more than the round
+    # trip added.
+    center_rtt_ms: dict[str, float] = field(default_factory=dict)
+    local_wait_ms: float | None = None
 
     @property
     def reserved_tokens(self) -> int:

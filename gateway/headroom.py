@@ -86,6 +86,27 @@ def fill_fraction(worker: Worker) -> float:
     return by_seqs
 
 
+def expected_wait_ms(workers: Iterable[Worker], request: RouteRequest) -> float | None:
+    """How long `request` would wait for a slot on one of `workers` (ms): 0 if
+    one has headroom now, else until the first of their sequences is expected to
+    finish; None if there is no worker to wait for, or none whose speed is known.
+
+    A worker running n answers of about `request.max_output_tokens` tokens at its
+    predicted TPOT finishes one every duration / n on average (they started at
+    different times), so the soonest slot anywhere is the smallest of those.
+    """
+    soonest: float | None = None
+    for worker in workers:
+        if has_headroom(worker, request):
+            return 0.0
+        tpot = predicted_tpot_ms(worker)
+        if tpot is None:
+            continue
+        interval = tpot * max(1, request.max_output_tokens) / max(1, sequences_held(worker))
+        soonest = interval if soonest is None else min(soonest, interval)
+    return soonest
+
+
 def is_fresh(worker: Worker, now: float, heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL_S) -> bool:
     return now - worker.last_heartbeat <= heartbeat_ttl
 

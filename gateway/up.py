@@ -145,7 +145,11 @@ class Up:
         api_key = args.api_key or "sk-ig-" + secrets.token_urlsafe(24)
         await registry.add_api_key(api_key, name="default")
 
-        config = GatewayConfig(redis_url=redis_url, center=self.fleet.centers[0], policy=args.policy, admin_token=admin_token)
+        home = self.fleet.centers[0]
+        config = GatewayConfig(
+            redis_url=redis_url, center=home, policy=args.policy, admin_token=admin_token,
+            center_rtt_ms={c: self.fleet.rtt(home, c) for c in self.fleet.centers if c != home},
+        )
         server = uvicorn.Server(uvicorn.Config(create_app(config), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30))
         server.install_signal_handlers = lambda: None  # we handle signals ourselves
         serve_task = asyncio.create_task(server.serve())

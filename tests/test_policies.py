@@ -433,3 +433,46 @@ def test_slo_pack_uses_unprofiled_workers_only_when_known_ones_miss_the_slo():
     assert policy.choose(make_request(), [blind, known]) is known
     known.reserved_average_kv_tokens = 90_000
     assert policy.choose(make_request(), [blind, known]) is blind
+
+
+# --- centers: leave home only when the wait saved beats the round trip -------
+
+
+def test_slo_pack_prefers_home_then_waits_or_travels_by_round_trip():
+    policy = SloPack()
+    home = make_worker("home", center="bj", tpot_base_ms=10, tpot_ms_per_seq=0.05)
+    near = make_worker("near", center="sh", tpot_base_ms=10, tpot_ms_per_seq=0.05)
+    far = make_worker("far", center="gz", tpot_base_ms=10, tpot_ms_per_seq=0.05)
+    rtt = {"bj": 0.0, "sh": 30.0, "gz": 45.0}
+
+    # Room at home: home, however idle the others are.
+    request = make_request(center="bj", center_rtt_ms=rtt, local_wait_ms=0.0)
+    assert policy.choose(request, [near, far, home]).id == "home"
+
+    # Home is full and a slot frees there in 20 ms: cheaper than any trip, so wait (None).
+    request = make_request(center="bj", center_rtt_ms=rtt, local_wait_ms=20.0)
+    assert policy.choose(request, [near, far]) is None
+    # A slot frees in 40 ms: sh (30 ms away) is worth it, gz (45 ms) is not.
+    request = make_request(center="bj", center_rtt_ms=rtt, local_wait_ms=40.0)
+    assert policy.choose(request, [far]) is None
+    assert policy.choose(request, [near, far]).id == "near"
+    # A long wait at home (or no home worker at all): the nearer of equally full centers.
+    for wait in (5_000.0, None):
+        request = make_request(center="bj", center_rtt_ms=rtt, local_wait_ms=wait)
+        assert policy.choose(request, [far, near]).id == "near"
+
+
+def test_expected_wait_is_the_soonest_slot_at_home():
+    from gateway.headroom import expected_wait_ms
+
+    request = make_request(max_output_tokens=1_000)
+    assert expected_wait_ms([], request) is None
+    roomy = make_worker("roomy", max_num_seqs=8, tpot_base_ms=20)
+    assert expected_wait_ms([roomy], request) == 0.0
+    # Full at 8 sequences of ~1,000 tokens at 20 ms/token: one finishes every 20 s / 8.
+    full = make_worker("full", max_num_seqs=8, reserved_requests=8, tpot_base_ms=20)
+    assert expected_wait_ms([full], request) == pytest.approx(20 * 1_000 / 8)
+    busier = make_worker("busier", max_num_seqs=4, reserved_requests=4, tpot_base_ms=20)
+    assert expected_wait_ms([full, busier], request) == pytest.approx(20 * 1_000 / 8), "the soonest slot anywhere"
+    unknown = make_worker("unknown", max_num_seqs=8, reserved_requests=8)
+    assert expected_wait_ms([unknown], request) is None, "no speed known: nothing to weigh"

@@ -13,6 +13,12 @@ counted at its prompt plus half its expected output, the KV it holds on average
 over its life) and a cost per sequence in the batch. The last is what stops a
 GPU with little compute for its bandwidth (an H20) at a smaller batch than its
 KV cache alone would suggest.
+
+Centers: a GPU in the gateway's own center is preferred whenever one meets the
+SLO. When none has room, the request goes to another center only if the round
+trip to it (`request.center_rtt_ms`, configured and then measured) is less than
+the expected wait for room at home (`request.local_wait_ms`); otherwise it waits
+in the admission queue.
 """
 
 from __future__ import annotations
@@ -41,9 +47,18 @@ class SloPack:
         meeting = [w for w in candidates if predicted[w.id] is not None and predicted[w.id] <= self.tpot_slo_ms]
         if meeting:
             local = [w for w in meeting if request.center and w.center == request.center]
-            # Fullest first; among equally full (say, all idle) the fastest,
-            # then by id so every gateway packs onto the same GPU.
-            return min(local or meeting, key=lambda w: (-fill_fraction(w), predicted[w.id], w.id))
+            if local:
+                # Fullest first; among equally full (say, all idle) the fastest,
+                # then by id so every gateway packs onto the same GPU.
+                return min(local, key=lambda w: (-fill_fraction(w), predicted[w.id], w.id))
+            # Nothing at home has room: leave the center only where the round
+            # trip added is less than the wait for room at home.
+            away = meeting
+            if request.local_wait_ms is not None:
+                away = [w for w in meeting if request.center_rtt_ms.get(w.center, 0.0) < request.local_wait_ms]
+                if not away:
+                    return None  # wait in line at home: it is quicker
+            return min(away, key=lambda w: (-fill_fraction(w), request.center_rtt_ms.get(w.center, 0.0), predicted[w.id], w.id))
         # Workers we cannot predict yet (no profile, no stream measured):
         # spread over them rather than pack blind.
         unknown = [w for w in candidates if predicted[w.id] is None]
