@@ -1014,7 +1014,7 @@ def readme(results: dict, out_dir: Path) -> str:
         lines += ["", "## Where the gateway's CPU goes (py-spy, self time, top 12)", "",
                   "| % of samples | frame |", "|---|---|"]
         lines += [f"| {f['self_pct']} | `{f['frame']}` |" for f in prof[:12]]
-    lines += compared_with_proposed(results, out_dir)
+    lines += compared_with_previous(results)
     lines += [
         "",
         "![latency CDFs](latency_cdf.png)",
@@ -1028,6 +1028,9 @@ def readme(results: dict, out_dir: Path) -> str:
         "The probe engine (in `benchmarks/overhead.py`) speaks the same vLLM wire format and emits as fast as the reader "
         "takes chunks, so its rows are bounded by the router.",
         "- CPU µs per chunk is the most portable number: one process on a full core sustains about 10⁶ / that chunks/s.",
+        "- Added TTFT is the work a request meets on its way in (HTTP parsing, auth, validation, placement, the "
+        "Redis round trip of its atomic reservation, opening the engine stream, the first chunk's way back), done "
+        "on a core that was idle a moment before; vllm-router reserves nothing and runs compiled code.",
         "- Raw samples: `samples.json`; every number above: `results.json`.",
     ]
     return "\n".join(lines) + "\n"
@@ -1058,13 +1061,12 @@ def verdict(results: dict) -> list[str]:
     ]
 
 
-def compared_with_proposed(results: dict, out_dir: Path) -> list[str]:
-    """A side-by-side with the run in `with-proposed-changes/`, when there is one."""
-    other_path = out_dir / "with-proposed-changes" / "results.json"
-    if not other_path.exists():
+def compared_with_previous(results: dict) -> list[str]:
+    """A side-by-side with the run this one replaced in the output folder, if any."""
+    previous = results.get("previous")
+    if not previous:
         return []
-    other = json.loads(other_path.read_text())
-    a, b = results.get("headline", {}), other.get("headline", {})
+    a, b = previous.get("headline", {}), results.get("headline", {})
     rows = [
         ("added TTFT p50, probe engine (ms)", "probe/idlegrid/added_ttft_p50_ms"),
         ("added TTFT p50, sim engine (ms)", "sim/idlegrid/added_ttft_p50_ms"),
@@ -1074,13 +1076,25 @@ def compared_with_proposed(results: dict, out_dir: Path) -> list[str]:
         ("relayed chunks/s, sim engine", "sim/idlegrid/chunks_per_s"),
         ("requests/s (1-token), probe", "probe/idlegrid/requests_per_s"),
         ("vllm-router chunks/s, probe (same run)", "probe/vllm-router/chunks_per_s"),
+        ("vllm-router added TTFT p50, probe (same run)", "probe/vllm-router/added_ttft_p50_ms"),
     ]
-    lines = ["", "## With the proposed changes to serving.py, dispatch.py, app.py and serve.py", "",
-             f"`with-proposed-changes/` is the same benchmark on the same code plus the changes proposed for the lead "
-             f"({other.get('note') or 'see its README'}); run minutes apart on the same machine.", "",
-             "| | this run | with the proposed changes |", "|---|---|---|"]
+    lines = ["", "## Compared with the previous run", "",
+             f"The run this one replaced in the same folder: {previous.get('note') or 'code not noted'} "
+             f"(load average {previous.get('load_average_before')} before it). The machine is shared, so runs "
+             "made at different times differ by more than the code: vllm-router, measured in each run alike, "
+             "is the yardstick.", "",
+             "| | previous run | this run |", "|---|---|---|"]
     lines += [f"| {label} | {_f(a.get(key))} | {_f(b.get(key))} |" for label, key in rows]
     return lines
+
+
+def _previous_run(out_dir: Path) -> dict | None:
+    """What the run about to be replaced in `out_dir` measured, to compare with."""
+    try:
+        old = json.loads((out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: old.get(key) for key in ("note", "headline", "load_average_before", "load_average_after")}
 
 
 def main(argv: Iterable[str] | None = None) -> int:
@@ -1118,7 +1132,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         NICE = args.nice
         os.nice(args.nice)
     plan = QUICK if args.quick else Plan()
+    previous = _previous_run(args.out)
     results = run(plan, args.out, with_router=not args.no_router, profile=args.profile, note=args.note)
+    if previous:
+        results["previous"] = previous
     write(results, args.out)
     print(json.dumps(results["headline"], indent=2))
     return 0

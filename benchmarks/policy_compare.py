@@ -397,10 +397,12 @@ class IdlegridGateway:
     heartbeats simply resume) without paying for the probe again. Between policies
     the fleet has drained, so no reservation or queued request is carried over."""
 
-    def __init__(self, redis: EmbeddedRedis, engines: Sequence[Engine], center: str, log_dir: Path):
+    def __init__(self, redis: EmbeddedRedis, engines: Sequence[Engine], center: str, log_dir: Path,
+                 center_rtt_ms: dict[str, float] | None = None):
         self.redis = redis
         self.engines = list(engines)
         self.center = center
+        self.center_rtt_ms = center_rtt_ms or {}  # the fleet file's round trips, until the gateway measures them
         self.log_dir = log_dir
         self.admin_token = "adm-" + secrets.token_urlsafe(16)
         self.port = free_port()
@@ -421,7 +423,8 @@ class IdlegridGateway:
 
             redis_sync.Redis.from_url(self.redis.url).flushall()
         cmd = [*_python(), "gateway", "--redis", self.redis.url, "--host", "127.0.0.1", "--port", str(self.port),
-               "--center", self.center, "--policy", policy, "--admin-token", self.admin_token]
+               "--center", self.center, "--policy", policy, "--admin-token", self.admin_token,
+               "--center-rtt", ",".join(f"{c}={ms:g}" for c, ms in self.center_rtt_ms.items())]
         log_file = open(self.log_dir / "idlegrid-gateway.log", "ab")
         self.process = subprocess.Popen(cmd, stdout=log_file, stderr=log_file, start_new_session=True)
         await _wait_http(f"{self.base_url}/health", 30, self.process, f"gateway ({policy})")
@@ -741,7 +744,8 @@ async def compare(settings: Settings, out: Path, work_dir: Path) -> dict:
     try:
         sims.start()
         meters = EngineMeters(sims.engines)
-        gateway = IdlegridGateway(redis, sims.engines, center, logs)
+        rtt = {c: fleet.rtt(center, c) for c in fleet.centers if c != center}
+        gateway = IdlegridGateway(redis, sims.engines, center, logs, rtt)
         try:
             for policy in settings.idlegrid_policies:
                 config = ConfigResult(f"idlegrid-{policy}", "idlegrid", policy)

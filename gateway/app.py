@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gateway import admin, control, serving
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
+from gateway.engine_client import EngineClient
 from gateway.estimates import AnswerStats
 from gateway.errors import APIError, api_error_handler, http_exception_handler, redis_error_handler, unhandled_error_handler
 from gateway.fleet import GONE, READY
@@ -34,6 +35,7 @@ from gateway.registry import Registry
 log = logging.getLogger("idlegrid.gateway")
 
 _KEY_CACHE_S = 5.0  # a revoked API key stops working within this long
+_PING_EVERY_S = 5.0  # how often the round trip to each center is measured
 
 
 class Gateway:
@@ -54,23 +56,13 @@ class Gateway:
         )
         self.registry = Registry(self.redis, heartbeat_ttl=config.heartbeat_ttl_s, lease_s=config.reservation_lease_s)
         # One pooled client for all engines. No total timeout: a reasoning stream may
-        # run for many minutes; `read` is the longest silence allowed between chunks.
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=config.engine_connect_timeout_s, read=config.engine_idle_timeout_s, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-        )
-        self.dispatcher = Dispatcher(config, self.registry, self.http, self.metrics, {name: make_policy(name) for name in POLICIES})
+        # run for many minutes; the idle timeout is the longest silence allowed between chunks.
+        self.engines = EngineClient(connect_timeout_s=config.engine_connect_timeout_s, idle_timeout_s=config.engine_idle_timeout_s)
+        self.dispatcher = Dispatcher(config, self.registry, self.engines, self.metrics, {name: make_policy(name) for name in POLICIES})
         self.stats = AnswerStats(self.redis)
+        self.pings = httpx.AsyncClient()  # round trips to each center (gateway.distance)
         self._keys: dict[str, tuple[float, dict[str, str] | None]] = {}
         self._key_lookups: dict[str, asyncio.Future] = {}
-        self._background: set[asyncio.Task] = set()
-
-    def background(self, coro) -> None:
-        """Run bookkeeping off the request's path; its failure never reaches a client."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def authenticate(self, request: Request) -> dict[str, str]:
         auth = request.headers.get("authorization", "")
@@ -96,20 +88,30 @@ class Gateway:
         return tenant
 
     async def housekeeping_forever(self) -> None:
-        """Renew this gateway's reservation leases and refresh shared estimates."""
-        last_renew = time.monotonic()
+        """Renew this gateway's reservation leases, share and refresh estimates, and
+        measure the round trip to each center."""
+        last_renew = last_ping = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             with contextlib.suppress(Exception):
                 await self.dispatcher.retry_releases()
+                await self.stats.flush()
                 await self.stats.refresh()
                 if time.monotonic() - last_renew > self.config.reservation_lease_s / 3:
                     await self.dispatcher.renew_leases()
                     last_renew = time.monotonic()
+                if time.monotonic() - last_ping > _PING_EVERY_S:
+                    last_ping = time.monotonic()
+                    view = await self.dispatcher.snapshot()
+                    await self.dispatcher.distances.measure(self.pings, view.workers)
 
     async def close(self) -> None:
         await self.dispatcher.close()
-        await self.http.aclose()
+        with contextlib.suppress(Exception):
+            await self.stats.flush()  # what the last second of answers taught
+        await self.engines.close()
+        await self.pings.aclose()
+        await self.registry.close()
         await self.redis.aclose()
 
 

@@ -36,6 +36,7 @@ class Enrollment(BaseModel):
     tpot_base_ms: float | None = None
     tpot_ms_per_1k_kv: float | None = None
     tpot_ms_per_seq: float | None = None
+    time_scale: float = Field(default=1.0, gt=0)  # simulated engines only
 
 
 class Heartbeat(BaseModel):
@@ -106,6 +107,7 @@ async def enroll(request: Request) -> JSONResponse:
         tpot_base_ms=form.tpot_base_ms,
         tpot_ms_per_1k_kv=form.tpot_ms_per_1k_kv,
         tpot_ms_per_seq=form.tpot_ms_per_seq,
+        time_scale=form.time_scale,
     )
     await gw.registry.register(worker)
     credential = await gw.registry.issue_credential(worker.id)

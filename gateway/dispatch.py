@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import anyio
-import httpx
 
 from gateway.admission import AdmissionQueue
 from gateway.config import GatewayConfig
+from gateway.engine_client import EngineClient, EngineError, EngineStream, EngineTimeout
 from gateway.errors import APIError
 from gateway.fleet import GONE, READY, SLEEPING, RouteRequest, Worker
-from gateway.headroom import candidates
+from gateway.distance import CenterDistances
+from gateway.headroom import candidates, expected_wait_ms
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Policy
 from gateway.registry import Registry, Reservation, WorkerCache
@@ -113,40 +114,47 @@ class Job:
 class Attempt:
     """One engine stream serving (part of) a job, holding a reservation."""
 
-    def __init__(self, worker: Worker, response: httpx.Response, resumed: bool, job: Job):
+    def __init__(self, worker: Worker, response: EngineStream, resumed: bool, job: Job, watched: set["Attempt"]):
         self.worker = worker
         self.response = response
         self.resumed = resumed
+        self._watched = watched  # the dispatcher's open streams, which its watchdog looks at
+        watched.add(self)
+        self.from_chat = not resumed and job.kind == "chat"  # else the engine speaks completions
         # A resumed chat answer comes back as raw text: split reasoning ourselves.
         self.splitter = ThinkSplitter(job.progress.reasoning_open or not job.progress.content_started) if resumed and job.kind == "chat" else None
         self.engine_usage: dict | None = None
         self.last_event_at = time.monotonic()
         self.lost: str | None = None  # set by the watchdog when it gives up on the worker
 
-    async def pieces(self, progress: Progress) -> AsyncIterator[Piece]:
-        from_chat = not self.resumed and "/chat/" in str(self.response.request.url)
+    async def pieces(self, progress: Progress) -> AsyncIterator[list[Piece]]:
+        """The engine's answer, the pieces of one network read at a time (see relay.sse_events)."""
+        from_chat = self.from_chat
         try:
-            async for event in sse_events(self.response):
+            async for events in sse_events(self.response.chunks()):
                 self.last_event_at = time.monotonic()
-                if progress.prompt_token_ids is None:
-                    progress.prompt_token_ids = prompt_ids_of(event)
-                if event.get("usage"):
-                    self.engine_usage = event["usage"]
-                    if progress.prompt_tokens is None:
-                        progress.prompt_tokens = event["usage"].get("prompt_tokens")
-                pieces = pieces_from_chat(event) if from_chat else pieces_from_completion(event, self.splitter)
-                for piece in pieces:
-                    yield piece
-        except httpx.TimeoutException as exc:
-            raise EngineFailed(f"engine went silent ({type(exc).__name__})", 504) from exc
-        except httpx.HTTPError as exc:
-            raise EngineFailed(self.lost or f"engine connection failed ({type(exc).__name__})") from exc
+                pieces: list[Piece] = []
+                for event in events:
+                    if progress.prompt_token_ids is None:
+                        progress.prompt_token_ids = prompt_ids_of(event)
+                    if event.get("usage"):
+                        self.engine_usage = event["usage"]
+                        if progress.prompt_tokens is None:
+                            progress.prompt_tokens = event["usage"].get("prompt_tokens")
+                    pieces += pieces_from_chat(event) if from_chat else pieces_from_completion(event, self.splitter)
+                if pieces:
+                    yield pieces
+        except EngineTimeout as exc:
+            raise EngineFailed(str(exc), 504) from exc
+        except EngineError as exc:
+            raise EngineFailed(self.lost or str(exc)) from exc
         if self.lost:
             raise EngineFailed(self.lost)
 
     async def close(self) -> None:
         # Closing the connection is what makes vLLM abort the request and free its slot.
-        await self.response.aclose()
+        self.response.close()
+        self._watched.discard(self)
 
 
 # The fleet view requests are placed from is re-read in the background this often
@@ -162,6 +170,8 @@ FLEET_MAX_AGE_S = 1.0
 LINE_POLL_S = 0.1
 # Tries of the fast path (room now, nobody waiting) before a request joins the queue.
 FAST_PATH_TRIES = 3
+# An engine stream silent this long gets its worker looked at (see Dispatcher._watch_streams).
+STREAM_SILENCE_S = 2.0
 
 
 @dataclass
@@ -206,21 +216,24 @@ class Dispatcher:
     background, so placing a request does not wait on reading the fleet.
     """
 
-    def __init__(self, config: GatewayConfig, registry: Registry, http: httpx.AsyncClient, metrics: GatewayMetrics, policies: dict[str, Policy]):
+    def __init__(self, config: GatewayConfig, registry: Registry, engines: EngineClient, metrics: GatewayMetrics, policies: dict[str, Policy]):
         self.config = config
         self.registry = registry
-        self.http = http
+        self.engines = engines
         self.metrics = metrics
         self.policies = policies
         self.active: dict[str, str] = {}  # request id -> worker id, for lease renewal
         self.unreleased: set[tuple[str, str]] = set()  # releases Redis missed during an outage
         self.queue = AdmissionQueue(registry.redis)
         self.cache = WorkerCache(registry)
+        self.distances = CenterDistances(config.center, config.center_rtt_ms)
         self.lines: dict[str, Line] = {}  # model -> its waiting requests
         self._view: FleetView | None = None
         self._reading: asyncio.Future | None = None  # the fleet read in flight, shared by its callers
         self._refresher: asyncio.Task | None = None
         self._wanted_at = 0.0  # when the fleet view was last asked for
+        self.streams: set[Attempt] = set()  # open engine streams
+        self._stream_watch: asyncio.Task | None = None
 
     # -- the fleet view ----------------------------------------------------
 
@@ -273,7 +286,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Stop the background reads and the lines' tasks (the gateway is stopping)."""
-        tasks = [t for t in (self._refresher, *(line.task for line in self.lines.values())) if t is not None]
+        tasks = [t for t in (self._refresher, self._stream_watch, *(line.task for line in self.lines.values())) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -288,7 +301,7 @@ class Dispatcher:
             view = await self.snapshot()
             await self._check_servable(job, view)
             pool = self._pool(job.route, job.excluded, view)
-            choice = policy.choose(job.route, pool) if pool else None
+            choice = policy.choose(self._locate(job.route, view), pool) if pool else None
             if choice is None:
                 break
             reservation = await self._reserve(job, choice, unless_queued=True)
@@ -378,7 +391,7 @@ class Dispatcher:
             pool = self._pool(job.route, job.excluded, view)
             if ahead >= len(pool) or waiter.placed.done():
                 continue
-            choice = waiter.policy.choose(job.route, pool)
+            choice = waiter.policy.choose(self._locate(job.route, view), pool)
             if choice is None:
                 continue
             reservation = await self._reserve(job, choice, unless_queued=False)
@@ -391,6 +404,21 @@ class Dispatcher:
                 await self.release(job, choice)  # its client left meanwhile
             else:
                 waiter.placed.set_result(choice)
+
+    def _locate(self, route: RouteRequest, view: FleetView) -> RouteRequest:
+        """Add what a policy weighs before sending `route` away from the gateway's
+        center: the round trip to each center, and the wait for room at home."""
+        if not route.center:
+            return route
+        route.center_rtt_ms = self.distances.table({w.center for w in view.workers})
+        allowed = set(route.allowed_centers)
+        home = [
+            w for w in view.workers
+            if w.center == route.center and w.model == route.model and w.state == READY
+            and (not allowed or w.center in allowed)
+        ]
+        route.local_wait_ms = expected_wait_ms(home, route)
+        return route
 
     def _pool(self, route: RouteRequest, excluded: set[str], view: FleetView) -> list[Worker]:
         """The workers with room for `route` now, as far as the view knows."""
@@ -473,24 +501,32 @@ class Dispatcher:
             headers = {"X-Request-Id": job.request_id}
             if worker.engine_api_key:
                 headers["Authorization"] = f"Bearer {worker.engine_api_key}"
-            request = self.http.build_request("POST", worker.engine_url.rstrip("/") + path, json=body, headers=headers)
             try:
-                response = await self.http.send(request, stream=True)
-            except httpx.TimeoutException:
+                response = await self.engines.stream(worker.engine_url.rstrip("/") + path, body, headers)
+            except EngineTimeout:
                 last = EngineFailed(f"worker {worker.id} timed out", 504)
-            except httpx.HTTPError as exc:
-                last = EngineFailed(f"worker {worker.id} unreachable ({type(exc).__name__})", 502)
+            except EngineError as exc:
+                last = EngineFailed(f"worker {worker.id} {exc}", 502)
+            except BaseException:  # cancelled (the client left) while asking the engine: give the room back
+                with anyio.CancelScope(shield=True):
+                    await self.release(job, worker)
+                raise
             else:
-                if response.status_code < 400:
-                    return Attempt(worker, response, resume, job)
-                detail = (await response.aread())[:2000]
-                await response.aclose()
-                if 400 <= response.status_code < 500 and response.status_code not in (404, 408, 429):
+                if response.status < 400:
+                    attempt = Attempt(worker, response, resume, job, self.streams)
+                    if self._stream_watch is None:
+                        self._stream_watch = asyncio.create_task(self._watch_streams())
+                    return attempt
+                try:
+                    detail = await response.read(2000)
+                finally:
+                    response.close()
+                if 400 <= response.status < 500 and response.status not in (404, 408, 429):
                     # The engine refuses the request itself (e.g. prompt too long): the
                     # client's problem, the same on any worker.
                     await self.release(job, worker)
-                    raise APIError(response.status_code, _engine_message(detail), code="engine_rejected")
-                last = EngineFailed(f"worker {worker.id} answered {response.status_code}", 502)
+                    raise APIError(response.status, _engine_message(detail), code="engine_rejected")
+                last = EngineFailed(f"worker {worker.id} answered {response.status}", 502)
             await self.release(job, worker)
             await self.worker_failed(job, worker)
             self.metrics.retries.labels(last.reason.split(" ")[-1] if last else "error").inc()
@@ -506,27 +542,32 @@ class Dispatcher:
         except Exception:  # Redis trouble must not turn a retry into an error
             pass
 
-    async def watch(self, attempt: "Attempt", silence_s: float = 2.0) -> None:
-        """Watchdog for one engine stream: if the engine goes quiet and its worker
-        stops heartbeating (or is revoked), give up on it without waiting for the
-        long idle timeout, so the answer resumes elsewhere within seconds."""
-        while True:
-            await asyncio.sleep(silence_s / 2)
-            if time.monotonic() - attempt.last_event_at < silence_s:
-                continue
-            view = await self.snapshot()
-            me = next((w for w in view.workers if w.id == attempt.worker.id), None)
-            if me is None or me.state in (GONE, SLEEPING):
-                # A sleeping engine holds a request it received at the last moment
-                # until it wakes: resume it elsewhere instead.
-                if me is None:
-                    attempt.lost = "worker left the fleet"
-                elif me.state == GONE:
-                    attempt.lost = "worker heartbeat expired"
-                else:
-                    attempt.lost = "worker went to sleep"
-                await attempt.response.aclose()
-                return
+    async def _watch_streams(self) -> None:
+        """Watchdog for the open engine streams, one task for all of them: if an
+        engine goes quiet and its worker stops heartbeating (or is revoked, or goes
+        to sleep), give up on it without waiting for the long idle timeout, so the
+        answer resumes elsewhere within seconds. Ends when no stream is open."""
+        try:
+            while self.streams:
+                await asyncio.sleep(STREAM_SILENCE_S / 2)
+                now = time.monotonic()
+                silent = [a for a in self.streams if now - a.last_event_at >= STREAM_SILENCE_S]
+                if not silent:
+                    continue
+                try:
+                    view = await self.snapshot()
+                except Exception as exc:  # Redis away: the engine's own idle timeout still applies
+                    log.debug("stream watchdog could not read the fleet: %r", exc)
+                    continue
+                workers = {w.id: w for w in view.workers}
+                for attempt in silent:
+                    lost = _why_lost(workers.get(attempt.worker.id))
+                    if lost:
+                        attempt.lost = lost
+                        attempt.response.close()  # its reader gets an engine failure and resumes elsewhere
+                        self.streams.discard(attempt)
+        finally:
+            self._stream_watch = None
 
     async def renew_leases(self) -> None:
         by_worker: dict[str, list[str]] = {}
@@ -546,6 +587,19 @@ def _unservable(model: str, excluded: set[str] | frozenset[str], workers: list[W
         return APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
     if not any(w.state == READY and w.id not in excluded for w in serving):
         return APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
+    return None
+
+
+def _why_lost(worker: Worker | None) -> str | None:
+    """Why a silent stream's worker will not answer it, if it will not. A sleeping
+    engine holds a request it received at the last moment until it wakes: resume
+    it elsewhere instead."""
+    if worker is None:
+        return "worker left the fleet"
+    if worker.state == GONE:
+        return "worker heartbeat expired"
+    if worker.state == SLEEPING:
+        return "worker went to sleep"
     return None
 
 

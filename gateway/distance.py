@@ -76,4 +76,5 @@ class CenterDistances:
             except httpx.HTTPError:
                 continue  # the heartbeat and watchdog deal with dead workers; no sample
             if response.status_code < 500:
-                self.record(center, (time.perf_counter() - started) * 1000)
+                # On a time-scaled simulated engine, in the simulated ms its speed model uses.
+                self.record(center, (time.perf_counter() - started) * 1000 * worker.time_scale)

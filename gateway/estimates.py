@@ -6,7 +6,10 @@
 - Per worker: the time per output token measured on its own streams, which
   the SLO-aware policy uses where no profile predicts it.
 
-Both are exponentially weighted averages updated in Redis with one Lua call.
+Both are exponentially weighted averages in Redis. A finished answer only
+notes its samples here; `flush` (once a second, from housekeeping) folds all
+samples noted since into Redis with one Lua call, so answers cost Redis nothing
+on their way out however many finish.
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ from redis.asyncio import Redis
 from gateway import keys
 
 EWMA = """
--- KEYS: hash; ARGV: field, sample, alpha, only_if_exists_key
-if ARGV[4] ~= '' and redis.call('EXISTS', ARGV[4]) == 0 then return false end
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
-local x = tonumber(ARGV[2])
-local new = x
-if old then new = old * (1 - tonumber(ARGV[3])) + x * tonumber(ARGV[3]) end
-redis.call('HSET', KEYS[1], ARGV[1], tostring(new))
-return tostring(new)
+-- KEYS: one hash per update. ARGV: 5 per update: field, decay, add, first sample, only_if_exists (1/0).
+-- A batch of samples x1..xn applied one by one (v <- v * (1 - alpha) + x * alpha) is
+-- v <- v * decay + add; a field without a value starts at the batch's first sample.
+-- With only_if_exists, a hash that does not exist (a worker that left) is not created.
+for i = 1, #KEYS do
+  local j = (i - 1) * 5
+  if ARGV[j + 5] == '0' or redis.call('EXISTS', KEYS[i]) == 1 then
+    local old = tonumber(redis.call('HGET', KEYS[i], ARGV[j + 1]) or '') or tonumber(ARGV[j + 4])
+    redis.call('HSET', KEYS[i], ARGV[j + 1], tostring(old * tonumber(ARGV[j + 2]) + tonumber(ARGV[j + 3])))
+  end
+end
+return #KEYS
 """
 
 _REFRESH_S = 5.0
@@ -38,13 +45,37 @@ class AnswerStats:
         self._ewma = redis.register_script(EWMA)
         self._output_tokens: dict[str, float] = {}
         self._refreshed_at = 0.0
+        # (hash key, field, only if the hash exists) -> [decay, add, first sample]: the samples
+        # noted since the last flush, folded as they come (see EWMA)
+        self._pending: dict[tuple[str, str, bool], list[float]] = {}
 
-    async def observe(self, model: str, worker_id: str, completion_tokens: int, tpot_ms: float | None, finished: bool) -> None:
+    def observe(self, model: str, worker_id: str, completion_tokens: int, tpot_ms: float | None, finished: bool) -> None:
+        """Note one finished answer; Redis learns it at the next `flush`."""
         # Only answers that ran to their natural end say how long answers are.
         if finished and completion_tokens > 0:
-            await self._ewma(keys=[keys.MODEL_STATS], args=[f"{model}:output_tokens", completion_tokens, self.alpha, ""])
+            self._note((keys.MODEL_STATS, f"{model}:output_tokens", False), float(completion_tokens))
         if tpot_ms is not None:
-            await self._ewma(keys=[keys.worker(worker_id)], args=["tpot_ms", round(tpot_ms, 3), self.alpha, keys.worker(worker_id)])
+            self._note((keys.worker(worker_id), "tpot_ms", True), round(tpot_ms, 3))
+
+    def _note(self, average: tuple[str, str, bool], x: float) -> None:
+        folded = self._pending.get(average)
+        if folded is None:
+            folded = self._pending[average] = [1.0, 0.0, x]
+        folded[0] *= 1 - self.alpha
+        folded[1] = folded[1] * (1 - self.alpha) + x * self.alpha
+
+    async def flush(self) -> None:
+        """Fold every sample noted since the last flush into the shared averages (one call).
+        Samples noted while Redis is away are lost: they are estimates."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        script_keys: list[str] = []
+        args: list[str | int] = []
+        for (key, field, only_if_exists), (decay, add, first) in pending.items():
+            script_keys.append(key)
+            args += [field, repr(decay), repr(add), repr(first), int(only_if_exists)]
+        await self._ewma(keys=script_keys, args=args)
 
     async def refresh(self) -> None:
         if time.monotonic() - self._refreshed_at < _REFRESH_S:

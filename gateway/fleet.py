@@ -53,6 +53,10 @@ class Worker:
     tpot_base_ms: float | None = None
     tpot_ms_per_1k_kv: float | None = None
     tpot_ms_per_seq: float | None = None
+    # Simulated seconds per wall second (a time-scaled simulated engine; 1 for real
+    # ones): the speed model above is in simulated ms, so distances measured on the
+    # wall clock are scaled by it to compare.
+    time_scale: float = 1.0
     last_heartbeat: float = 0.0
     extra: dict = field(default_factory=dict)
 

@@ -91,9 +91,10 @@ def expected_wait_ms(workers: Iterable[Worker], request: RouteRequest) -> float 
     one has headroom now, else until the first of their sequences is expected to
     finish; None if there is no worker to wait for, or none whose speed is known.
 
-    A worker running n answers of about `request.max_output_tokens` tokens at its
-    predicted TPOT finishes one every duration / n on average (they started at
-    different times), so the soonest slot anywhere is the smallest of those.
+    A worker running n answers at its predicted TPOT finishes one every
+    (answer length x TPOT) / n on average (they started at different times), so
+    the soonest slot anywhere is the smallest of those. Answer length: what its
+    reservations expect on average, or this request's expectation if unknown.
     """
     soonest: float | None = None
     for worker in workers:
@@ -102,7 +103,9 @@ def expected_wait_ms(workers: Iterable[Worker], request: RouteRequest) -> float 
         tpot = predicted_tpot_ms(worker)
         if tpot is None:
             continue
-        interval = tpot * max(1, request.max_output_tokens) / max(1, sequences_held(worker))
+        held = worker.reserved_requests
+        answer_tokens = worker.reserved_tokens / held if held and worker.reserved_tokens else request.max_output_tokens
+        interval = tpot * max(1.0, answer_tokens) / max(1, sequences_held(worker))
         soonest = interval if soonest is None else min(soonest, interval)
     return soonest
 

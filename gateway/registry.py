@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.fleet import GONE, READY, Worker
+from gateway.redis_pipe import RedisPipe
 
 _INT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("int", "int | None")}
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("float", "float | None")}
@@ -229,6 +230,18 @@ class Registry:
         self._heartbeat = redis.register_script(HEARTBEAT)
         self._redeem = redis.register_script(REDEEM_ENROLL_TOKEN)
         self._record_failure = redis.register_script(RECORD_FAILURE)
+        # Reserve and release run on every request's path: over one pipelined connection.
+        self._pipe = RedisPipe.like(redis)
+
+    async def _hot(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script that is on every request's path (idempotent: it may be retried)."""
+        if self._pipe is None:
+            return await script(keys=keys, args=args)
+        return await self._pipe.script(script, keys, args)
+
+    async def close(self) -> None:
+        if self._pipe is not None:
+            await self._pipe.close()
 
     async def now(self) -> float:
         sec, usec = await self.redis.time()
@@ -314,17 +327,16 @@ class Registry:
         script_keys = [keys.worker(worker.id), keys.reservations(worker.id), keys.WORKER_VERSIONS]
         if unless_queued is not None:
             script_keys.append(keys.queue(unless_queued))
-        ok, reason, requests, total, average_total, version = await self._reserve(
-            keys=script_keys,
-            args=[request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl,
-                  average],
+        ok, reason, requests, total, average_total, version = await self._hot(
+            self._reserve, script_keys,
+            [request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl, average],
         )
         return Reservation(bool(ok), reason.decode() if isinstance(reason, bytes) else reason,
                            _counted(requests), _counted(total), _counted(average_total), int(version))
 
     async def release(self, worker_id: str, request_id: str) -> Reservation:
-        requests, total, average_total, version = await self._release(
-            keys=[keys.worker(worker_id), keys.reservations(worker_id), keys.WORKER_VERSIONS], args=[request_id])
+        requests, total, average_total, version = await self._hot(
+            self._release, [keys.worker(worker_id), keys.reservations(worker_id), keys.WORKER_VERSIONS], [request_id])
         return Reservation(True, "released", int(requests), int(total), int(average_total), int(version))
 
     async def renew(self, worker_id: str, request_ids: list[str]) -> None:

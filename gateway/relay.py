@@ -9,8 +9,9 @@ completions), with one stable id, whichever engine produced them.
 
 This is the gateway's hot path: every token of every answer passes through
 here once. It works on bytes where it can (one split per network read, JSON
-encoded around a prefix serialised once per answer), and never holds the
-event loop for more than a few dozen events at a time.
+encoded around a prefix serialised once per answer), passes events on a
+network read's worth at a time, and never holds the event loop for more than
+a few dozen events at a time.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-import httpx
 import msgspec
+from starlette.responses import Response
 
 log = logging.getLogger("idlegrid.gateway")
 
@@ -107,93 +108,149 @@ def _event_data(block: bytes) -> bytes | None:
     return b"\n".join(line[1:] if line[:1] == b" " else line for line in lines)
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
-    """Decoded JSON payloads of an SSE stream, ending at `[DONE]`.
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[dict]]:
+    """Decoded JSON payloads of the SSE stream whose bytes `chunks` yields (as the
+    network splits them), ending at `[DONE]`: the events of one network read
+    together, at most EVENTS_PER_TURN at a time.
+
+    Events come in batches because every layer an event passes through on its
+    way to the client (here, the engine attempt, the answer, the client's
+    stream) is an async generator, and each costs as much per item as the JSON
+    work itself: passing them a read's worth at a time pays that once per read.
 
     A `data:` event with a top-level `error` (vLLM's way of saying its engine
-    died mid-stream) and a payload that is not JSON are engine failures.
+    died mid-stream) and a payload that is not JSON are engine failures, raised
+    after the events before them.
     """
     tail = b""
     turn = 0
-    chunks = response.aiter_bytes()
     async for data in chunks:
         if tail:
             data = tail + data
         if b"\r" in data:  # SSE allows CRLF line ends; engines we know send LF
             data = data.replace(b"\r\n", b"\n")
         *blocks, tail = data.split(b"\n\n")
+        batch: list[dict] = []
         for block in blocks:
             payload = _event_data(block)
             if payload is None:
                 continue
             if payload.strip() == b"[DONE]":
+                if batch:
+                    yield batch
                 await _finish_body(chunks)
                 return
             try:
-                event = _decode(payload)
-            except msgspec.DecodeError:
-                raise EngineFailed(f"engine sent an event that is not JSON: {payload[:100]!r}") from None
-            if type(event) is not dict:
-                raise EngineFailed(f"engine sent an event that is not a JSON object: {payload[:100]!r}")
-            if "error" in event and "choices" not in event:
-                raise EngineFailed(f"engine error: {event['error']}", 502)
-            yield event
-            turn += 1
-            if turn >= EVENTS_PER_TURN:
+                event = _decode_event(payload)
+            except EngineFailed:
+                if batch:
+                    yield batch
+                raise
+            batch.append(event)
+            if len(batch) == EVENTS_PER_TURN:
+                yield batch
+                batch = []
                 turn = 0
                 await asyncio.sleep(0)  # let other streams and Redis replies through
+        if batch:
+            yield batch
+            turn += len(batch)
+            if turn >= EVENTS_PER_TURN:
+                turn = 0
+                await asyncio.sleep(0)
 
 
-async def coalesce(chunks: AsyncIterator[bytes], max_pending: int = 256) -> AsyncIterator[bytes]:
-    """The bytes `chunks` yields, joined into one write when several are ready at once.
+def _decode_event(payload: bytes) -> dict:
+    try:
+        event = _decode(payload)
+    except msgspec.DecodeError:
+        raise EngineFailed(f"engine sent an event that is not JSON: {payload[:100]!r}") from None
+    if type(event) is not dict:
+        raise EngineFailed(f"engine sent an event that is not a JSON object: {payload[:100]!r}")
+    if "error" in event and "choices" not in event:
+        raise EngineFailed(f"engine error: {event['error']}", 502)
+    return event
 
-    At low load every chunk goes out alone, as soon as it is made. When the
-    gateway falls behind, an engine's socket holds many events by the time it
-    is read; they are then relayed in one client write instead of one write
-    (and one pass through the ASGI stack) each, so the cost per chunk falls as
-    load rises instead of the queue growing. `chunks` runs in a task of its
-    own, at most `max_pending` chunks ahead of the client; closing this
-    generator (the client left) cancels it, and its own cleanup runs.
+
+class EventStreamResponse(Response):
+    """A `text/event-stream` response of the bytes `chunks` yields, read ahead of the client.
+
+    `chunks` runs in a task of its own from the moment the response is made, at
+    most `max_pending_bytes` ahead of the client, so the engine's stream (and
+    its reservation) ends when the engine is done, not when the client has read
+    the last chunk. Chunks that are ready together go out in one write: at low
+    load every chunk goes out alone, as soon as it is made; when the gateway
+    falls behind, an engine's socket holds many events by the time it is read,
+    and they are relayed in one write instead of one write (and one pass through
+    the ASGI stack) each, so the cost per chunk falls as load rises instead of
+    the queue growing. When `hangup` completes (the client left) or the response
+    stops early, the task is cancelled and its cleanup (closing the engine stream
+    frees the GPU slot, releasing the reservation) runs on its own.
+
+    Starlette's StreamingResponse would do, but with an anyio task group and a
+    listener task per response, which cost a noticeable share of a short
+    request's CPU; `hangup` is the listener the request already has.
     """
-    pending: list[bytes] = []
-    ready = asyncio.Event()  # pending has something, or the producer ended
-    room = asyncio.Event()  # the client took what was pending
-    room.set()
-    ended = False
 
-    async def produce() -> None:
-        nonlocal ended
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], *, hangup: asyncio.Future, headers: dict[str, str] | None = None,
+                 max_pending_bytes: int = 1 << 16):
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._ready = asyncio.Event()  # pending has something, or the producer ended
+        self._room = asyncio.Event()  # the client took what was pending
+        self._room.set()
+        self._max_pending_bytes = max_pending_bytes
+        self._hangup = hangup
+        # Started now, before anything can cancel it: a task cancelled before its first
+        # step never runs `chunks`' cleanup.
+        self._producer = asyncio.ensure_future(self._produce(chunks))
+        hangup.add_done_callback(self._stop)
+
+    async def _produce(self, chunks: AsyncIterator[bytes]) -> None:
         try:
             async for chunk in chunks:
-                pending.append(chunk)
-                ready.set()
-                if len(pending) >= max_pending:
-                    room.clear()
-                    await room.wait()
+                self._pending.append(chunk)
+                self._pending_bytes += len(chunk)
+                self._ready.set()
+                if self._pending_bytes >= self._max_pending_bytes:
+                    self._room.clear()
+                    await self._room.wait()
         finally:
-            ended = True
-            ready.set()
+            self._ready.set()
 
-    producer = asyncio.ensure_future(produce())
-    try:
-        while True:
-            await ready.wait()
-            ready.clear()
-            if pending:
-                batch = pending[0] if len(pending) == 1 else b"".join(pending)
-                pending.clear()
-                room.set()
-                yield batch
-            if ended and not pending:
-                break
-        await producer  # re-raises what ended the producer, if anything did
-    finally:
-        if not producer.done():
-            # Its cleanup (closing the engine stream frees the GPU slot, releasing
-            # the reservation) runs in its own task; nothing here waits for it.
-            producer.cancel()
-            _stopping.add(producer)
+    def _stop(self, _: asyncio.Future | None = None) -> None:
+        producer = self._producer
+        if not producer.done() and producer not in _stopping:
+            producer.cancel()  # once: a second cancel would interrupt its cleanup
+            _stopping.add(producer)  # kept alive until its cleanup is done
             producer.add_done_callback(_forget)
+        self._ready.set()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            while not self._hangup.done():
+                if self._pending:
+                    batch = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+                    self._pending.clear()
+                    self._pending_bytes = 0
+                    self._room.set()
+                    await send({"type": "http.response.body", "body": batch, "more_body": True})
+                elif self._producer.done():
+                    self._producer.result()  # re-raises what ended the producer, if anything did
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
+                else:
+                    await self._ready.wait()
+                    self._ready.clear()
+        finally:
+            self._hangup.cancel()  # the request is over: stop listening (and stop the producer)
+            self._stop()
 
 
 _stopping: set[asyncio.Future] = set()  # producers being cancelled: keep them alive until done
@@ -207,8 +264,8 @@ def _forget(task: asyncio.Future) -> None:
 
 async def _finish_body(chunks: AsyncIterator[bytes], within_s: float = 1.0) -> None:
     """Read the end of the HTTP body after `[DONE]` (the last, empty chunk). A body
-    read to its end lets httpx put the connection back in its pool; one closed
-    early costs the next request a new connection to the engine."""
+    read to its end puts the connection back in the pool; one closed early costs
+    the next request a new connection to the engine."""
     timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
     if timeout is None:
         return
@@ -216,8 +273,8 @@ async def _finish_body(chunks: AsyncIterator[bytes], within_s: float = 1.0) -> N
         async with timeout(within_s):
             async for _ in chunks:
                 pass
-    except (TimeoutError, httpx.HTTPError):
-        pass  # the connection is closed instead of reused: no harm done
+    except Exception:  # noqa: BLE001 - the connection is closed instead of reused: no harm done
+        pass
 
 
 class ThinkSplitter:

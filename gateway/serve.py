@@ -10,6 +10,8 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.distance import parse_center_rtt
+from gateway.errors import UserError
 from gateway.policies import DEFAULT_POLICY, POLICIES
 
 
@@ -18,18 +20,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--center", default="default", help="the center this gateway runs in")
+    p.add_argument("--center-rtt", default="", metavar="CENTER=MS,...",
+                   help="round trips (ms) from this center to others, until measured; e.g. dc-b=30,dc-c=80")
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help=f"routing policy (default {DEFAULT_POLICY})")
     p.add_argument("--admin-token", default=os.environ.get("IDLEGRID_ADMIN_TOKEN", ""), help="admin API token (env IDLEGRID_ADMIN_TOKEN)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    return GatewayConfig(redis_url=args.redis, center=args.center, policy=args.policy, admin_token=args.admin_token)
+    try:
+        center_rtt_ms = parse_center_rtt(args.center_rtt)
+    except ValueError as exc:
+        raise UserError(f"--center-rtt: {exc}") from None
+    return GatewayConfig(redis_url=args.redis, center=args.center, center_rtt_ms=center_rtt_ms,
+                         policy=args.policy, admin_token=args.admin_token)
 
 
 def run(args: argparse.Namespace) -> int:
-    # httpx logs every engine request at INFO: a line per request on the hot path.
+    # httpx (qualification probes, control calls) logs every request at INFO.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(config_from_args(args))
     # No HTTP keep-alive timeout games: streams stay open as long as the answer runs.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+    # uvicorn picks uvloop and httptools (dependencies) when they are installed: the
+    # event loop and the parsing of client requests then run in C.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30, loop="auto", http="auto")
     return 0

@@ -4,6 +4,9 @@
     relay the engine's stream (tracking token ids) → on engine failure resume
     elsewhere from prompt + tokens already sent → release when the engine is
     done → account; the client reads the rest of the answer at its own pace.
+
+A client that hangs up at any point (waiting for room, or mid-answer) stops
+the work at once and frees its GPU slot: one task per request listens for it.
 """
 
 from __future__ import annotations
@@ -17,21 +20,21 @@ import anyio
 from redis.exceptions import RedisError
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from gateway.dispatch import Attempt, CannotResume, Dispatcher, Job, new_request_id
+from gateway.dispatch import Attempt, CannotResume, Job, new_request_id
 from gateway.errors import APIError
 from gateway.fleet import RouteRequest
-from gateway.relay import ClientStream, Collector, EngineFailed, Piece, coalesce
+from gateway.relay import ClientStream, Collector, EngineFailed, EventStreamResponse, Piece
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, parse_body
 
 MAX_MIGRATIONS = 3
-# Chunks of a streamed answer that may wait for the client. The engine's stream is
+# Bytes of a streamed answer that may wait for the client. The engine's stream is
 # read this far ahead of the client, so its reservation ends when the engine is
 # done, not when a slow client (or a lagging relay) has taken the last chunk: a
 # slot held past the engine's end is capacity the queue cannot use. Bounded, so a
-# client that stops reading holds at most this much (~250 bytes a chunk) here.
-CLIENT_BUFFER_CHUNKS = 4096
+# client that stops reading holds at most this much here (~4,000 chunks).
+CLIENT_BUFFER_BYTES = 1 << 20
 _MODELS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
 
 
@@ -64,48 +67,62 @@ async def serve(request: Request, kind: str) -> Response:
             ),
             policy_name=tenant.get("policy", ""),
         )
-        attempt = await start_unless_client_leaves(gw, job, request)
-        if attempt is None:
-            gw.metrics.requests.labels(kind, "499").inc()
-            return Response(status_code=499, headers=headers)
-    except RedisError:
-        exc = APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"})
-        gw.metrics.requests.labels(kind, "503").inc()
-        exc.headers.update(headers)
-        return exc.response()
-    except APIError as exc:
-        gw.metrics.requests.labels(kind, str(exc.status)).inc()
-        exc.headers.update(headers)
-        return exc.response()
+    except (APIError, RedisError) as exc:
+        return refusal(gw, kind, exc, headers)
+    # Done when the client hangs up; the body is read, so nothing else is left to receive.
+    hangup = asyncio.ensure_future(_client_gone(request))
+    try:
+        attempt = await start_unless_client_leaves(gw, job, hangup)
+    except (APIError, RedisError) as exc:
+        hangup.cancel()
+        return refusal(gw, kind, exc, headers)
+    except BaseException:
+        hangup.cancel()
+        raise
+    if attempt is None:
+        gw.metrics.requests.labels(kind, "499").inc()
+        return Response(status_code=499, headers=headers)
     gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
     headers["X-Idlegrid-Worker"] = attempt.worker.id  # lets benchmarks attribute tokens per worker
     if params.stream:
-        # Chunks that are ready together go out in one write (see relay.coalesce), and the
-        # answer is read ahead of the client into that buffer.
-        chunks = coalesce(stream_answer(gw, job, attempt), max_pending=CLIENT_BUFFER_CHUNKS)
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
-    return await collect_answer(gw, job, attempt, request, headers)
+        # The answer is read ahead of the client, and chunks that are ready together
+        # go out in one write (see relay.EventStreamResponse).
+        return EventStreamResponse(stream_answer(gw, job, attempt), hangup=hangup, headers=headers,
+                                   max_pending_bytes=CLIENT_BUFFER_BYTES)
+    return await collect_answer(gw, job, attempt, hangup, headers)
 
 
-async def start_unless_client_leaves(gw: Any, job: Job, request: Request) -> Attempt | None:
-    """Place the job and open its engine stream; None if the client leaves first
+def refusal(gw: Any, kind: str, exc: APIError | RedisError, headers: dict[str, str]) -> Response:
+    """The error response for a request the gateway cannot serve (Redis away: 503)."""
+    if isinstance(exc, RedisError):
+        exc = APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"})
+    gw.metrics.requests.labels(kind, str(exc.status)).inc()
+    exc.headers.update(headers)
+    return exc.response()
+
+
+async def start_unless_client_leaves(gw: Any, job: Job, hangup: asyncio.Future) -> Attempt | None:
+    """Place the job and open its engine stream; None if the client hangs up first
     (a client waiting in the admission queue that hangs up leaves the queue)."""
     start = asyncio.ensure_future(gw.dispatcher.start(job))
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({start, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if start.done():
-        return start.result()
-    start.cancel()
+
+    def stop(_: asyncio.Future) -> None:
+        start.cancel()
+
+    hangup.add_done_callback(stop)
     try:
         attempt = await start
-    except (asyncio.CancelledError, APIError):
+    except asyncio.CancelledError:
+        if not hangup.done():
+            raise  # we are cancelled ourselves: the server is stopping
         return None
-    await attempt.close()  # it won the race by a hair: give the room back
-    await gw.dispatcher.release(job, attempt.worker)
-    return None
+    finally:
+        hangup.remove_done_callback(stop)
+    if hangup.done():  # it won the race by a hair: give the room back
+        await attempt.close()
+        await gw.dispatcher.release(job, attempt.worker)
+        return None
+    return attempt
 
 
 def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, tenant: dict[str, str]) -> RouteRequest:
@@ -143,35 +160,36 @@ async def read_json(request: Request, limit: int) -> Any:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
-async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Piece]:
-    """Every piece of the answer, resuming on another engine if one fails.
+async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[list[Piece]]:
+    """Every piece of the answer, resuming on another engine if one fails; the
+    pieces that arrived together come together.
 
     Releases the reservation it holds as soon as the engine's stream ends (its
-    consumer reads ahead of the client: see CLIENT_BUFFER_CHUNKS), and at once
+    consumer reads ahead of the client: see CLIENT_BUFFER_BYTES), and at once
     when the client goes away (the generator is closed, and closing the engine
     stream aborts the work).
     """
     progress = job.progress
-    watchdog: asyncio.Task | None = None
     try:
         while True:
-            watchdog = asyncio.create_task(gw.dispatcher.watch(attempt))
             try:
-                async for piece in attempt.pieces(progress):
-                    if piece.finish_reason == "abort":
-                        # The engine was paused or stopped under us: not an answer's end.
-                        piece.finish_reason = None
-                        progress.record(piece, time.monotonic())
-                        if piece.reasoning or piece.content or piece.delta_extra:
-                            yield piece
-                        raise EngineFailed("engine aborted the request")
-                    progress.record(piece, time.monotonic())
-                    yield piece
+                async for pieces in attempt.pieces(progress):
+                    now = time.monotonic()
+                    for i, piece in enumerate(pieces):
+                        if piece.finish_reason == "abort":
+                            # The engine was paused or stopped under us: not an answer's end.
+                            piece.finish_reason = None
+                            progress.record(piece, now)
+                            kept = pieces[: i + 1] if piece.reasoning or piece.content or piece.delta_extra else pieces[:i]
+                            if kept:
+                                yield kept
+                            raise EngineFailed("engine aborted the request")
+                        progress.record(piece, now)
+                    yield pieces
                 if progress.finish_reason is None:
                     raise EngineFailed("engine stream ended without finishing")
                 return
             except EngineFailed as failure:
-                watchdog.cancel()
                 await attempt.close()
                 await gw.dispatcher.release(job, attempt.worker)
                 await gw.dispatcher.worker_failed(job, attempt.worker)
@@ -186,8 +204,6 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[Pi
                 except APIError as exc:
                     raise CannotResume(f"worker failed mid-answer and no other could continue: {exc.message}") from None
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
         # Shielded: when the client disconnects we are being cancelled, and these
         # awaits are what abort the engine's work and free the slot.
         with anyio.CancelScope(shield=True):
@@ -201,9 +217,11 @@ async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[by
     status = "200"
     first = True
     try:
-        async for piece in answer_pieces(gw, job, attempt):
-            yield client.event(piece, job.progress.prompt_token_ids if first else None)
+        async for pieces in answer_pieces(gw, job, attempt):
+            # The prompt's token ids go with the first chunk, as vLLM sends them.
+            prompt_ids = job.progress.prompt_token_ids if first else None
             first = False
+            yield b"".join([client.event(pieces[0], prompt_ids), *(client.event(piece) for piece in pieces[1:])])
         if client.include_usage:
             yield client.sse(client.usage_chunk(job.progress))
     except CannotResume as exc:
@@ -214,34 +232,31 @@ async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[by
     yield client.DONE
 
 
-async def collect_answer(gw: Any, job: Job, attempt: Attempt, request: Request, headers: dict[str, str]) -> Response:
+async def collect_answer(gw: Any, job: Job, attempt: Attempt, hangup: asyncio.Future, headers: dict[str, str]) -> Response:
     """A non-streaming answer, built from the stream; stops the engine work if the
-    client leaves while it waits."""
+    client hangs up while it waits."""
     collector = Collector(job.client)
 
     async def collect() -> None:
-        async for piece in answer_pieces(gw, job, attempt):
-            collector.add(piece)
+        async for pieces in answer_pieces(gw, job, attempt):
+            for piece in pieces:
+                collector.add(piece)
 
     work = asyncio.ensure_future(collect())
-    gone = asyncio.ensure_future(_client_gone(request))
+    # The client left: free the GPU slot now. (Not when we stop listening ourselves, below.)
+    hangup.add_done_callback(lambda gone: gone.cancelled() or work.cancel())
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not work.done():
-        work.cancel()  # the client left: free the GPU slot now
-        try:
-            await work
-        except (asyncio.CancelledError, Exception):
-            pass
+        await work
+    except asyncio.CancelledError:
+        if not hangup.done():
+            raise  # we are cancelled ourselves: the server is stopping
         gw.metrics.requests.labels(job.kind, "499").inc()
         return Response(status_code=499)
-    try:
-        work.result()
     except CannotResume as exc:
         gw.metrics.requests.labels(job.kind, "502").inc()
         return APIError(502, str(exc), code="engine_failed", headers=headers).response()
+    finally:
+        hangup.cancel()
     gw.metrics.requests.labels(job.kind, "200").inc()
     return JSONResponse(collector.response(job.progress), headers=headers)
 
@@ -265,6 +280,6 @@ def account(gw: Any, job: Job, worker_id: str) -> None:
             tpot = (p.last_token_at - p.first_token_at) / (p.completion_tokens - 1)
             m.tpot.labels(job.model).observe(tpot)
     finished = p.finish_reason in ("stop", "length") and job.migrations == 0
-    gw.background(gw.stats.observe(job.model, worker_id, p.completion_tokens, tpot * 1000 if tpot and finished else None, p.finish_reason == "stop"))
+    gw.stats.observe(job.model, worker_id, p.completion_tokens, tpot * 1000 if tpot and finished else None, p.finish_reason == "stop")
     m.tokens.labels(job.model, "prompt").inc(p.prompt_tokens or 0)
     m.tokens.labels(job.model, "completion").inc(p.completion_tokens)

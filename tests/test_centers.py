@@ -41,3 +41,39 @@ def test_residency_is_never_violated_and_distance_is_emulated(gateway_server):
     r = httpx.post(gw.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3},
                    headers={"Authorization": f"Bearer {key_b}"}, timeout=30)
     assert r.status_code in (429, 503), r.text
+
+
+def test_a_request_leaves_home_only_when_the_wait_there_is_longer_than_the_trip(redis_url):
+    """Home (dc-a) has one slot; dc-b is 200 ms away. While home is busy with a long
+    answer, the next request crosses to dc-b; while it is busy with a short one, the
+    next request waits for it instead."""
+    from tests.conftest import start_gateway
+
+    server, gw = start_gateway(redis_url, center="dc-a", center_rtt_ms={"dc-b": 200.0}, queue_timeout_s=30.0)
+    try:
+        gw.start_sim_worker("dc-a", time_scale=1.0, max_num_seqs=1, seed=1)
+        gw.start_sim_worker("dc-b", time_scale=1.0, seed=1, extra=["--extra-latency-ms", "200"])
+        gw.wait_ready(2)
+        centers = {w["id"]: w["center"] for w in gw.workers()}
+        headers = {"Authorization": f"Bearer {gw.api_key}"}
+
+        def where_does_the_next_one_go(first_tokens: int) -> str:
+            body = {"model": MODEL, "prompt": "hi", "max_tokens": first_tokens, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=60) as first:
+                assert centers[first.headers["x-idlegrid-worker"]] == "dc-a", "room at home: home"
+                lines = first.iter_lines()
+                next(lines)  # the first answer is under way on the only home slot
+                # At ~1.7 ms a token (this model on an H100), a long answer holds home's
+                # slot for seconds, a short one for ~100 ms.
+                second = httpx.post(gw.url + "/v1/completions", headers=headers, timeout=60,
+                                    json={"model": MODEL, "prompt": "hi", "max_tokens": 8, "ignore_eos": True})
+                assert second.status_code == 200, second.text
+                for _ in lines:
+                    pass
+            return centers[second.headers["x-idlegrid-worker"]]
+
+        assert where_does_the_next_one_go(1_500) == "dc-b", "seconds of waiting at home > a 200 ms trip"
+        assert where_does_the_next_one_go(60) == "dc-a", "a slot freeing within ~100 ms at home beats the trip"
+    finally:
+        gw.stop_agents()
+        server.stop()

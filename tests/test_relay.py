@@ -19,10 +19,10 @@ from gateway.relay import (
     ClientStream,
     Collector,
     EngineFailed,
+    EventStreamResponse,
     Piece,
     Progress,
     ThinkSplitter,
-    coalesce,
     pieces_from_chat,
     pieces_from_completion,
     prompt_ids_of,
@@ -84,14 +84,10 @@ data: [DONE]
 """
 
 
-def response_of(pieces: Iterable[bytes]) -> httpx.Response:
-    """An httpx response whose body arrives in exactly these network pieces."""
-
-    async def body() -> AsyncIterator[bytes]:
-        for piece in pieces:
-            yield piece
-
-    return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+async def arriving(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
+    """A body that arrives in exactly these network pieces."""
+    for piece in pieces:
+        yield piece
 
 
 def split_every(data: bytes, n: int) -> list[bytes]:
@@ -99,7 +95,7 @@ def split_every(data: bytes, n: int) -> list[bytes]:
 
 
 async def events_of(data: bytes | list[bytes]) -> list[dict]:
-    return [e async for e in sse_events(response_of([data] if isinstance(data, bytes) else data))]
+    return [e async for batch in sse_events(arriving([data] if isinstance(data, bytes) else data)) for e in batch]
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +137,19 @@ async def test_nothing_after_done_is_read():
     assert len(await events_of(VLLM_CHAT + VLLM_CHAT)) == 8
 
 
-async def test_error_event_after_output_is_an_engine_failure():
+async def test_the_events_of_one_network_read_come_together():
+    assert [len(batch) async for batch in sse_events(arriving([VLLM_CHAT]))] == [8]
+    events = VLLM_CHAT.split(b"\n\n")
+    reads = [events[0] + b"\n\n", events[1] + b"\n\n", b"\n\n".join(events[2:])]
+    assert [len(batch) async for batch in sse_events(arriving(reads))] == [1, 1, 6]
+
+
+@pytest.mark.parametrize("piece_size", [13, 100_000])
+async def test_error_event_after_output_is_an_engine_failure(piece_size):
     seen = []
     with pytest.raises(EngineFailed) as failure:
-        async for event in sse_events(response_of(split_every(VLLM_ENGINE_DIED, 13))):
-            seen.append(event)
+        async for batch in sse_events(arriving(split_every(VLLM_ENGINE_DIED, piece_size))):
+            seen.extend(batch)
     assert "EngineCore encountered an issue" in failure.value.reason
     assert failure.value.status == 502
     assert [p.token_ids for p in pieces_from_chat(seen[0])] == [[434]]  # what came before is kept
@@ -344,7 +348,26 @@ async def test_sim_completion_stream_resumed_mid_reasoning_is_split_by_the_relay
     assert not splitter.in_reasoning
 
 
-# --- coalescing client writes ------------------------------------------------------------------
+# --- the client's stream: read ahead, coalesced writes, hang-ups ------------------------------
+
+
+async def respond(chunks: AsyncIterator[bytes], *, hangup: asyncio.Future | None = None, max_pending_bytes: int = 1 << 16,
+                  send=None) -> list[bytes]:
+    """Serve an EventStreamResponse of `chunks` to an ASGI `send`; the bodies it wrote."""
+    writes: list[bytes] = []
+
+    async def record(message: dict) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            writes.append(message["body"])
+        if send is not None:
+            await send(message)
+
+    async def receive() -> dict:
+        raise AssertionError("the response must not read the request: the hangup future listens")
+
+    gone = hangup if hangup is not None else asyncio.get_running_loop().create_future()
+    await EventStreamResponse(chunks, hangup=gone, max_pending_bytes=max_pending_bytes)({"type": "http"}, receive, record)
+    return writes
 
 
 async def test_chunks_made_apart_go_out_apart_and_a_burst_goes_out_as_one_write():
@@ -355,7 +378,7 @@ async def test_chunks_made_apart_go_out_apart_and_a_burst_goes_out_as_one_write(
         for i in range(50):
             yield b"b%d" % i  # a burst already buffered: no wait in between
 
-    writes = [w async for w in coalesce(chunks())]
+    writes = await respond(chunks())
     assert writes[:3] == [b"a0", b"a1", b"a2"]
     assert b"".join(writes[3:]) == b"".join(b"b%d" % i for i in range(50))
     assert len(writes) - 3 <= 2  # the burst took one write (or two, if the first went early)
@@ -363,6 +386,7 @@ async def test_chunks_made_apart_go_out_apart_and_a_burst_goes_out_as_one_write(
 
 async def test_a_slow_client_holds_the_producer_back():
     made = 0
+    client_reads = asyncio.Event()
 
     async def chunks() -> AsyncIterator[bytes]:
         nonlocal made
@@ -370,40 +394,67 @@ async def test_a_slow_client_holds_the_producer_back():
             made += 1
             yield b"x"
 
-    stream = coalesce(chunks(), max_pending=10)
-    first = await stream.__anext__()
-    await asyncio.sleep(0.01)  # the client is busy; the producer must not run away
-    assert made <= len(first) + 11
-    rest = b"".join([w async for w in stream])
-    assert len(first) + len(rest) == 1000
+    async def slow_send(message: dict) -> None:
+        if message["type"] == "http.response.body" and not client_reads.is_set():
+            await asyncio.sleep(0.01)  # the client is busy; the producer must not run away
+            assert made <= len(message["body"]) + 10 + 1  # what it took, and at most max_pending more
+            client_reads.set()
+
+    writes = await respond(chunks(), max_pending_bytes=10, send=slow_send)
+    assert len(b"".join(writes)) == 1000
 
 
 async def test_a_client_that_leaves_stops_the_producer_and_its_cleanup_runs():
     cleaned = asyncio.Event()
+    hangup = asyncio.get_running_loop().create_future()
 
     async def chunks() -> AsyncIterator[bytes]:
         try:
-            while True:
-                yield b"tok"
-                await asyncio.sleep(0.001)
+            yield b"tok"
+            await asyncio.sleep(10)  # the engine is thinking when the client leaves
         finally:
-            await asyncio.sleep(0.01)  # e.g. closing the engine stream, releasing the reservation
+            # e.g. closing the engine stream, then releasing the reservation: no
+            # second cancellation may cut this short.
+            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)
             cleaned.set()
 
-    stream = coalesce(chunks())
-    assert await stream.__anext__() == b"tok"
-    await stream.aclose()
+    asyncio.get_running_loop().call_later(0.05, hangup.set_result, None)
+    writes = await asyncio.wait_for(respond(chunks(), hangup=hangup), 2)
+    assert writes == [b"tok"]
+    await asyncio.wait_for(cleaned.wait(), 2)
+
+
+async def test_a_client_gone_before_the_response_starts_still_gets_the_cleanup():
+    """The engine stream is open (its slot reserved) once the response exists: a
+    client that hangs up before a byte was sent must free it all the same."""
+    cleaned = asyncio.Event()
+    hangup = asyncio.get_running_loop().create_future()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            await asyncio.sleep(10)  # the engine is still thinking
+            yield b"never"
+        finally:
+            cleaned.set()
+
+    EventStreamResponse(chunks(), hangup=hangup)
+    hangup.set_result(None)
     await asyncio.wait_for(cleaned.wait(), 2)
 
 
 async def test_a_failure_in_the_producer_reaches_the_client_after_what_came_before():
+    got: list[bytes] = []
+
     async def chunks() -> AsyncIterator[bytes]:
         yield b"one"
         await asyncio.sleep(0)
         raise RuntimeError("boom")
 
-    got = []
+    async def keep(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            got.append(message["body"])
+
     with pytest.raises(RuntimeError, match="boom"):
-        async for w in coalesce(chunks()):
-            got.append(w)
+        await respond(chunks(), send=keep)
     assert b"".join(got) == b"one"

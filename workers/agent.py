@@ -341,6 +341,7 @@ class Agent:
             "tpot_base_ms": None,
             "tpot_ms_per_1k_kv": None,
             "tpot_ms_per_seq": None,
+            "time_scale": 1.0,
         }
         metrics = await self.scrape()
         if metrics is not None and metrics.kv_capacity_tokens:
@@ -349,7 +350,7 @@ class Agent:
             response = await self.engine_http.get(f"{self.spec.url}/v1/sim/info")
             response.raise_for_status()
             sim = response.json()
-            for field in ("max_num_seqs", "kv_capacity_tokens", "tpot_base_ms", "tpot_ms_per_1k_kv", "tpot_ms_per_seq"):
+            for field in ("max_num_seqs", "kv_capacity_tokens", "tpot_base_ms", "tpot_ms_per_1k_kv", "tpot_ms_per_seq", "time_scale"):
                 if sim.get(field) is not None:
                     info[field] = sim[field]
         return info
@@ -403,6 +404,7 @@ class Agent:
             "tpot_base_ms": info["tpot_base_ms"],
             "tpot_ms_per_1k_kv": info["tpot_ms_per_1k_kv"],
             "tpot_ms_per_seq": info["tpot_ms_per_seq"],
+            "time_scale": info["time_scale"],
         }
         # Capacity we could not learn is left out: the gateway then assumes its defaults.
         for field in ("max_num_seqs", "kv_capacity_tokens"):

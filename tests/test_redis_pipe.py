@@ -1,0 +1,86 @@
+"""gateway/redis_pipe.py against a real redis-server: many callers share one
+connection and each gets its own reply, scripts Redis forgot are loaded again,
+the database and password of the URL are honoured, and a restarted Redis is
+reconnected to while an absent one is a quick ConnectionError."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError, ResponseError
+
+from gateway.embedded_redis import EmbeddedRedis
+from gateway.redis_pipe import RedisPipe
+
+ECHO = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
+
+
+async def test_concurrent_calls_each_get_their_own_reply(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    pipe = RedisPipe.like(client)
+    assert pipe is not None
+    script = client.register_script(ECHO)
+    replies = await asyncio.gather(*(pipe.script(script, [f"k{i % 7}"], [f"arg{i}"]) for i in range(500)))
+    assert [r[:2] for r in replies] == [[f"k{i % 7}".encode(), f"arg{i}".encode()] for i in range(500)]
+    assert sorted(r[2] for r in replies if r[0] == b"k0") == list(range(1, 73))  # one INCR each, in order
+    await pipe.close()
+    await client.aclose()
+
+
+async def test_a_script_redis_forgot_is_loaded_again(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    pipe = RedisPipe.like(client)
+    script = client.register_script(ECHO)
+    assert (await pipe.script(script, ["a"], [1]))[2] == 1
+    await client.script_flush()  # as after a restart of Redis
+    assert (await pipe.script(script, ["a"], [1]))[2] == 2
+    with pytest.raises(ResponseError):
+        await pipe.call("INCR", "no", "such", "arity")
+    await pipe.close()
+    await client.aclose()
+
+
+async def test_the_database_and_password_of_the_url_are_used(redis_server):
+    admin = aioredis.Redis.from_url(redis_server.url)
+    await admin.config_set("requirepass", "s3cret")
+    url = f"redis://:s3cret@{redis_server.host}:{redis_server.port}/3"
+    client = aioredis.Redis.from_url(url)
+    pipe = RedisPipe.like(client)
+    await pipe.call("SET", "where", "db3")
+    assert await client.get("where") == b"db3"
+    db0 = aioredis.Redis.from_url(f"redis://:s3cret@{redis_server.host}:{redis_server.port}/0")
+    assert await db0.get("where") is None
+    await db0.aclose()
+    wrong = RedisPipe(redis_server.host, redis_server.port, password="wrong")
+    with pytest.raises(ConnectionError):
+        await wrong.call("PING")
+    await pipe.close()
+    await client.aclose()
+    await admin.aclose()
+
+
+async def test_tls_and_unix_sockets_are_left_to_redis_py():
+    assert RedisPipe.like(aioredis.Redis.from_url("rediss://localhost:6379/0")) is None
+    assert RedisPipe.like(aioredis.Redis.from_url("unix:///tmp/redis.sock")) is None
+
+
+async def test_a_restarted_redis_is_reconnected_and_an_absent_one_fails_fast(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis").start()
+    client = aioredis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=2)
+    pipe = RedisPipe.like(client)
+    assert await pipe.call("PING") == b"PONG"
+    server.kill()
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        await pipe.call("PING")
+    assert time.monotonic() - started < 2, "an outage answers fast"
+    server = EmbeddedRedis(tmp_path / "redis", port=server.port).start()
+    try:
+        assert await pipe.call("PING") == b"PONG"
+    finally:
+        await pipe.close()
+        await client.aclose()
+        server.stop()
