@@ -247,4 +247,8 @@ class Up:
 
 def run(args: argparse.Namespace) -> int:
     fleet = plan_fleet(args)
-    return asyncio.run(Up(args, fleet).main())
+    try:  # the gateway runs in this process: give it the same C event loop `idlegrid gateway` gets
+        import uvloop
+    except ImportError:
+        return asyncio.run(Up(args, fleet).main())
+    return uvloop.run(Up(args, fleet).main())
