@@ -86,7 +86,8 @@ class GatewayHandle:
 
     @property
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=10)
+        # Generous: with real vLLM on 2 cores the in-process gateway can answer late.
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30)
 
     @property
     def client(self) -> httpx.Client:
