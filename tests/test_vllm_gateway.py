@@ -102,7 +102,7 @@ def test_paused_vllm_worker_hands_its_streams_to_the_other(vllm_fleet):
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(_stream, gw, model, i, seen) for i in range(n)]
         deadline = time.monotonic() + 60
-        while (len(seen) < n or min(seen.values()) < 10) and time.monotonic() < deadline:
+        while len(seen) < n and time.monotonic() < deadline:  # pause while the engines still generate
             time.sleep(0.01)
         busy = max(gw.workers(), key=lambda w: w["reserved_requests"])
         assert busy["reserved_requests"] > 0
