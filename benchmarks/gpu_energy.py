@@ -42,6 +42,7 @@ from benchmarks.energy import reader_for
 from benchmarks.overhead import Processes, wait_http
 from benchmarks.runner import LoadLevel
 from benchmarks.workloads import build_requests
+from gateway.registry import add_api_key_now
 
 ADMIN_TOKEN = "gpu-energy-admin"
 API_KEY = "sk-gpu-energy"
@@ -96,7 +97,7 @@ class Stack:
 
         args = self.args
         self.redis = EmbeddedRedis(self.work / "redis").start()
-        _add_api_key(self.redis.url, API_KEY)
+        add_api_key_now(self.redis.url, API_KEY, "gpu-energy")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cli = [sys.executable, "-m", "gateway.cli"]
@@ -137,19 +138,6 @@ class Stack:
         self.procs.stop_all()  # the agent hands over, deregisters and stops its engine
         if self.redis:
             self.redis.stop()
-
-
-def _add_api_key(redis_url: str, key: str) -> None:
-    import redis.asyncio as aioredis
-
-    from gateway.registry import Registry
-
-    async def add() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        await Registry(client).add_api_key(key, name="gpu-energy")
-        await client.aclose()
-
-    asyncio.run(add())
 
 
 async def idle_power(url: str, seconds: float) -> dict:

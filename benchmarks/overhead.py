@@ -512,24 +512,16 @@ def start_fleet(procs: Processes, kind: str, n_engines: int, redis_url: str, *, 
 
 
 def start_gateway(procs: Processes, kind: str, redis_url: str, engine_ports: list[int], max_num_seqs: int) -> Target:
-    import asyncio as _asyncio
-
     import httpx
-    import redis.asyncio as aioredis
 
     from gateway.embedded_redis import free_port
-    from gateway.registry import Registry
+    from gateway.registry import add_api_key_now
 
     py = sys.executable
     port = free_port()
     admin, api_key = "bench-admin", "sk-bench-overhead"
 
-    async def add_key() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        await Registry(client).add_api_key(api_key, name="bench")
-        await client.aclose()
-
-    _asyncio.run(add_key())
+    add_api_key_now(redis_url, api_key, "bench")
     gw = procs.start(f"{kind}-gateway", [py, "-m", "gateway.cli", "--log-level", "WARNING", "gateway", "--redis", redis_url, "--port", str(port),
                                          "--admin-token", admin], core=ROUTER_CORE)
     url = f"http://127.0.0.1:{port}"
@@ -882,6 +874,8 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from benchmarks.report import plot_cdf
+
     written = []
     colors = {"direct": "#555555", "idlegrid": "#1f77b4", "vllm-router": "#d62728"}
     # Latency CDFs
@@ -890,10 +884,7 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     for ax, (kind, key, title) in zip(axes, panels):
         raw = results["engines"].get(kind, {}).get("latency", {}).get("_raw_ms", {})
         for name, series in raw.items():
-            values = sorted(series.get(key) or [])
-            if not values:
-                continue
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name, color=colors.get(name))
+            plot_cdf(ax, series.get(key) or [], name, colors.get(name))
         ax.set_title(title)
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction")

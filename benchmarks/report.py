@@ -63,12 +63,13 @@ def Figure(**kwargs):  # noqa: N802 (stands in for matplotlib's class)
     return _Figure(**kwargs)
 
 
-def _cdf(ax, values_ms: list[float], label: str) -> None:
+def plot_cdf(ax, values_ms: Sequence[float], label: str, color: str | None = None) -> None:
+    """One empirical CDF line (nothing for no values)."""
     if not values_ms:
         return
     ordered = sorted(values_ms)
     n = len(ordered)
-    ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=label)
+    ax.step(ordered, [(i + 1) / n for i in range(n)], where="post", label=label, color=color)
 
 
 def plot_latency_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestRecord]]]) -> Path:
@@ -84,7 +85,7 @@ def plot_latency_cdfs(path: Path, runs: Sequence[tuple[str, Sequence[RequestReco
         spans = []
         for label, records in runs:
             values = [get(r) * 1000 for r in records if r.success and get(r) is not None]
-            _cdf(ax, values, label)
+            plot_cdf(ax, values, label)
             spans += values
         positive = [v for v in spans if v > 0]
         if positive and max(positive) / min(positive) > 50:

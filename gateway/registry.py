@@ -473,3 +473,17 @@ class WorkerCache:
 
 def is_routable(worker: Worker, model: str) -> bool:
     return worker.state == READY and worker.model == model
+
+
+def add_api_key_now(redis_url: str, key: str, name: str) -> None:
+    """Store a client API key from code that is not async (scripts, tests)."""
+    import asyncio
+
+    async def add() -> None:
+        client = Redis.from_url(redis_url)
+        try:
+            await Registry(client).add_api_key(key, name=name)
+        finally:
+            await client.aclose()
+
+    asyncio.run(add())

@@ -137,21 +137,11 @@ class GatewayHandle:
 
 
 def start_gateway(redis_url: str, **overrides) -> tuple[ServerThread, GatewayHandle]:
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from gateway.registry import Registry
+    from gateway.registry import add_api_key_now
 
     config = GatewayConfig(redis_url=redis_url, admin_token="test-admin-token", **overrides)
     api_key = "sk-test-key"
-
-    async def add_key() -> None:
-        client = aioredis.Redis.from_url(redis_url)
-        await Registry(client).add_api_key(api_key, name="test")
-        await client.aclose()
-
-    asyncio.run(add_key())
+    add_api_key_now(redis_url, api_key, "test")
     server = ServerThread(create_app(config)).start()
     return server, GatewayHandle(server.url, config.admin_token, api_key, redis_url, config)
 
