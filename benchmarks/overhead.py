@@ -465,6 +465,7 @@ class Target:
     auth: str | None
     pid: int | None  # the relaying process whose CPU time we read (None: direct)
     ports: list[int] = field(default_factory=list)  # direct: one per engine, spread over
+    helper_pids: list[int] = field(default_factory=list)  # its other processes (idlegrid: Redis), CPU counted with it
 
     def port_for(self, i: int) -> int:
         return self.ports[i % len(self.ports)] if self.ports else self.port
@@ -479,7 +480,7 @@ class Fleet:
     targets: dict[str, Target]
 
 
-def start_fleet(procs: Processes, kind: str, n_engines: int, redis_url: str, *, time_scale: float,
+def start_fleet(procs: Processes, kind: str, n_engines: int, redis_url: str, redis_pid: int, *, time_scale: float,
                 max_num_seqs: int, probe_interval_s: float, router: bool) -> Fleet:
     from gateway.embedded_redis import free_port
 
@@ -497,6 +498,7 @@ def start_fleet(procs: Processes, kind: str, n_engines: int, redis_url: str, *, 
         wait_http(f"http://127.0.0.1:{port}/health")
     targets = {"direct": Target("direct", "127.0.0.1", ports[0], None, None, ports)}
     targets["idlegrid"] = start_gateway(procs, kind, redis_url, ports, max_num_seqs)
+    targets["idlegrid"].helper_pids.append(redis_pid)
     if router:
         rport = free_port()
         proc = procs.start(f"{kind}-vllm-router", ["vllm-router" if not shutil.which(str(Path(py).parent / "vllm-router"))
@@ -630,11 +632,12 @@ async def measure_capacity(target: Target, concurrency: int, max_tokens: int, du
 
     tasks = [asyncio.create_task(client(i)) for i in range(concurrency)]
     await asyncio.sleep(warmup_s)
-    cpu0 = cpu_seconds(target.pid) if target.pid else None
+    pids = [target.pid, *target.helper_pids] if target.pid else []
+    cpu0 = sum(map(cpu_seconds, pids)) if pids else None
     t0 = time.monotonic()
     window[:] = [t0, t0 + duration_s]
     await asyncio.sleep(duration_s)
-    cpu1 = cpu_seconds(target.pid) if target.pid else None
+    cpu1 = sum(map(cpu_seconds, pids)) if pids else None
     await asyncio.gather(*tasks)
     out = {
         "concurrency": concurrency,
@@ -722,7 +725,9 @@ def run(plan: Plan, out_dir: Path, with_router: bool = True, profile: bool = Fal
         os.sched_setaffinity(0, {REST_CORE})  # the load generator shares core 1 with the engines
     redis = EmbeddedRedis(work / "redis")
     redis.start()
-    settle(redis.process.pid, REST_CORE)
+    # idlegrid's Redis is part of the router under test (vllm-router keeps its state in
+    # its own process): it shares the router's core, and its CPU time counts as the router's.
+    settle(redis.process.pid, ROUTER_CORE)
     results: dict[str, Any] = {"plan": plan.__dict__, "machine": machine(), "nice": NICE, "note": note,
                                "load_average_before": [round(x, 2) for x in os.getloadavg()], "engines": {}}
     router_note = router_available() if with_router else "not run (--no-router)"
@@ -732,14 +737,14 @@ def run(plan: Plan, out_dir: Path, with_router: bool = True, profile: bool = Fal
         # capacity is then bounded by the target, not by the engine.
         for kind in ("sim", "probe"):
             print(f"{kind} engines:", flush=True)
-            fleet = start_fleet(procs, kind, plan.n_engines, redis.url, time_scale=plan.sim_time_scale,
+            fleet = start_fleet(procs, kind, plan.n_engines, redis.url, redis.process.pid, time_scale=plan.sim_time_scale,
                                 max_num_seqs=plan.max_num_seqs, probe_interval_s=plan.probe_latency_interval_ms / 1000,
                                 router=router_note is None)
             entry: dict[str, Any] = {"latency": _arun(_phase_latency(fleet, plan))}
             if kind == "probe":
                 # Capacity at full speed: restart the probe engines unpaced.
                 stop_fleet(procs, fleet)
-                fleet = start_fleet(procs, kind, plan.n_engines, redis.url, time_scale=plan.sim_time_scale,
+                fleet = start_fleet(procs, kind, plan.n_engines, redis.url, redis.process.pid, time_scale=plan.sim_time_scale,
                                     max_num_seqs=plan.max_num_seqs, probe_interval_s=0.0, router=router_note is None)
             entry["capacity"] = _arun(_phase_capacity(fleet, plan))
             results["engines"][kind] = entry
@@ -951,7 +956,8 @@ def readme(results: dict, out_dir: Path) -> str:
         "",
         *verdict(results),
         f"Machine: {results['machine']['cpus']} cores ({results['machine']['cpu']}), Python {results['machine']['python']}; "
-        f"router under test pinned to core {ROUTER_CORE}, everything else (Redis, engines, worker agents, load generator) on core {REST_CORE}"
+        f"router under test pinned to core {ROUTER_CORE} (for idlegrid: the gateway and its Redis, whose CPU time counts as the router's), "
+        f"everything else (engines, worker agents, load generator) on core {REST_CORE}"
         + (f"; all of it at niceness {results['nice']}" if results.get("nice") else "")
         + f". Load average from other work on the machine: {results.get('load_average_before')} before, "
         f"{results.get('load_average_after')} after. {results.get('vllm_router')}.",
@@ -981,7 +987,7 @@ def readme(results: dict, out_dir: Path) -> str:
         "",
         f"*Streams*: {plan['stream_concurrency']} clients, {plan['stream_tokens']}-token answers, chunks counted over "
         f"{plan['capacity_s']:g} s after {plan['warmup_s']:g} s of warm-up. *Short requests*: {plan['request_concurrency']} "
-        "clients, 1-token answers. CPU: user+system time of the router process over the window (all its threads).",
+        "clients, 1-token answers. CPU: user+system time of the router's processes over the window (all their threads; idlegrid: gateway + Redis).",
         "",
         "| engine | target | chunks/s | vs direct | router CPU | CPU µs/chunk | requests/s | CPU µs/request | failures |",
         "|---|---|---|---|---|---|---|---|---|",

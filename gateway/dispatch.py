@@ -68,6 +68,7 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     excluded: set[str] = field(default_factory=set)  # workers that failed this request
     migrations: int = 0
+    early_refused: bool = False  # an early start's reservation was refused: reserve first from now on
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -172,6 +173,13 @@ LINE_POLL_S = 0.1
 FAST_PATH_TRIES = 3
 # An engine stream silent this long gets its worker looked at (see Dispatcher._watch_streams).
 STREAM_SILENCE_S = 2.0
+# A worker at most this full (sequences and KV, in the fleet view) is asked to start
+# a request while the request's reservation is still on its way to Redis. That far
+# below its line the reservation all but always succeeds (it would take a burst
+# from other gateways filling half the worker within one view refresh), and the
+# request's time to first token loses the Redis round trip. Nearer the line, room
+# is reserved first and the engine asked after.
+EARLY_START_BELOW = 0.5
 
 
 @dataclass
@@ -194,6 +202,18 @@ class Waiter:
     job: Job
     policy: Policy
     placed: asyncio.Future  # the Worker with room reserved, or the error to answer
+
+
+@dataclass
+class Placement:
+    """Where a request goes, and its reservation there: made, or on its way."""
+
+    worker: Worker
+    reserving: asyncio.Future | None = None  # the Reservation on its way (None: made)
+
+
+class RoomRefused(Exception):
+    """An early-started request's reservation was refused: place it again."""
 
 
 class Line:
@@ -293,9 +313,11 @@ class Dispatcher:
 
     # -- placing -----------------------------------------------------------
 
-    async def place(self, job: Job) -> Worker:
+    async def place(self, job: Job) -> Placement:
         """Reserve room on a worker for `job`; wait in the admission queue while
-        there is none, or others wait already, up to the queue timeout (then 429)."""
+        there is none, or others wait already, up to the queue timeout (then 429).
+        At a worker far below its line the reservation is left on its way (see
+        EARLY_START_BELOW) for `start` to confirm."""
         policy = self.policies.get(job.policy_name) or self.policies[self.config.policy]
         for _ in range(FAST_PATH_TRIES):
             view = await self.snapshot()
@@ -304,13 +326,15 @@ class Dispatcher:
             choice = policy.choose(self._locate(job.route, view), pool) if pool else None
             if choice is None:
                 break
+            if not job.early_refused and _far_below_line(choice, job.route):
+                return Placement(choice, asyncio.ensure_future(self._reserve(job, choice, unless_queued=True)))
             reservation = await self._reserve(job, choice, unless_queued=True)
             if reservation.ok:
-                return choice
+                return Placement(choice)
             if reservation.reason == "queued":
                 break
             await self.refresh()  # another gateway took that room: look again, freshly
-        return await self._wait_in_line(job, policy)
+        return Placement(await self._wait_in_line(job, policy))
 
     async def _wait_in_line(self, job: Job, policy: Policy) -> Worker:
         """Join the admission queue; the model's line places the request when its turn and room come."""
@@ -490,48 +514,93 @@ class Dispatcher:
     async def start(self, job: Job, *, resume: bool = False) -> Attempt:
         """Place `job` and open its engine stream, trying other workers on failure."""
         last: EngineFailed | None = None
-        for _ in range(self.config.max_attempts):
+        failures = 0
+        while failures < self.config.max_attempts:
             try:
-                worker = await self.place(job)
+                placement = await self.place(job)
             except APIError:
                 if last is None:
                     raise
                 break  # no other worker to try: report the engine failure itself
-            path, body = job.engine_request(resume)
-            headers = {"X-Request-Id": job.request_id}
-            if worker.engine_api_key:
-                headers["Authorization"] = f"Bearer {worker.engine_api_key}"
+            worker = placement.worker
             try:
-                response = await self.engines.stream(worker.engine_url.rstrip("/") + path, body, headers)
-            except EngineTimeout:
-                last = EngineFailed(f"worker {worker.id} timed out", 504)
-            except EngineError as exc:
-                last = EngineFailed(f"worker {worker.id} {exc}", 502)
-            except BaseException:  # cancelled (the client left) while asking the engine: give the room back
+                response = await self._open(job, worker, resume, placement.reserving)
+            except RoomRefused:
+                continue  # the engine was not at fault: place the request again
+            except EngineFailed as failure:
+                last = failure
+                failures += 1
+                await self.worker_failed(job, worker)
+                self.metrics.retries.labels(failure.reason.split(" ")[-1]).inc()
+                continue
+            attempt = Attempt(worker, response, resume, job, self.streams)
+            if self._stream_watch is None:
+                self._stream_watch = asyncio.create_task(self._watch_streams())
+            return attempt
+        assert last is not None
+        raise APIError(last.status, f"engines failed before answering: {last.reason}", code="engine_failed")
+
+    async def _open(self, job: Job, worker: Worker, resume: bool, reserving: asyncio.Future | None) -> EngineStream:
+        """The engine's stream for `job` on `worker`, asked for while `reserving`
+        (if given) is on its way; the room goes back on any failure (RoomRefused
+        if the reservation was refused, EngineFailed, APIError, or cancellation)."""
+        if reserving is None:
+            try:
+                return await self._ask_engine(job, worker, resume)
+            except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self.release(job, worker)
                 raise
-            else:
-                if response.status < 400:
-                    attempt = Attempt(worker, response, resume, job, self.streams)
-                    if self._stream_watch is None:
-                        self._stream_watch = asyncio.create_task(self._watch_streams())
-                    return attempt
-                try:
-                    detail = await response.read(2000)
-                finally:
-                    response.close()
-                if 400 <= response.status < 500 and response.status not in (404, 408, 429):
-                    # The engine refuses the request itself (e.g. prompt too long): the
-                    # client's problem, the same on any worker.
-                    await self.release(job, worker)
-                    raise APIError(response.status, _engine_message(detail), code="engine_rejected")
-                last = EngineFailed(f"worker {worker.id} answered {response.status}", 502)
-            await self.release(job, worker)
-            await self.worker_failed(job, worker)
-            self.metrics.retries.labels(last.reason.split(" ")[-1] if last else "error").inc()
-        assert last is not None
-        raise APIError(last.status, f"engines failed before answering: {last.reason}", code="engine_failed")
+        asking = asyncio.ensure_future(self._ask_engine(job, worker, resume))
+        try:
+            # Shielded: a client that leaves now must not cut the call short, or
+            # room Redis did reserve would stay taken until its lease ran out.
+            reservation: Reservation = await asyncio.shield(reserving)
+        except BaseException:  # Redis away, or the client left: neither the room nor the engine's work is kept
+            with anyio.CancelScope(shield=True):
+                await _hang_up(asking)
+                with contextlib.suppress(Exception):
+                    if (await reserving).ok:
+                        await self.release(job, worker)
+            raise
+        if not reservation.ok:
+            job.early_refused = True  # from now on, room first
+            with anyio.CancelScope(shield=True):
+                await _hang_up(asking)
+            if reservation.reason != "queued":
+                await self.refresh()  # another gateway took that room: look again, freshly
+            raise RoomRefused(reservation.reason)
+        try:
+            return await asking
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.release(job, worker)
+            raise
+
+    async def _ask_engine(self, job: Job, worker: Worker, resume: bool) -> EngineStream:
+        """Open the engine's stream: EngineFailed if the engine is at fault (another
+        worker may do), APIError if it refuses the request itself (any would)."""
+        path, body = job.engine_request(resume)
+        headers = {"X-Request-Id": job.request_id}
+        if worker.engine_api_key:
+            headers["Authorization"] = f"Bearer {worker.engine_api_key}"
+        try:
+            response = await self.engines.stream(worker.engine_url.rstrip("/") + path, body, headers)
+        except EngineTimeout:
+            raise EngineFailed(f"worker {worker.id} timed out", 504) from None
+        except EngineError as exc:
+            raise EngineFailed(f"worker {worker.id} {exc}", 502) from None
+        if response.status < 400:
+            return response
+        try:
+            detail = await response.read(2000)
+        finally:
+            response.close()
+        if 400 <= response.status < 500 and response.status not in (404, 408, 429):
+            # The engine refuses the request itself (e.g. prompt too long): the
+            # client's problem, the same on any worker.
+            raise APIError(response.status, _engine_message(detail), code="engine_rejected")
+        raise EngineFailed(f"worker {worker.id} answered {response.status}", 502)
 
     async def worker_failed(self, job: Job, worker: Worker) -> None:
         """Keep this request off the worker, and count it toward its circuit breaker."""
@@ -575,6 +644,24 @@ class Dispatcher:
             by_worker.setdefault(worker_id, []).append(request_id)
         for worker_id, request_ids in by_worker.items():
             await self.registry.renew(worker_id, request_ids)
+
+
+def _far_below_line(worker: Worker, route: RouteRequest) -> bool:
+    """True when `worker`, with `route` added, is at most EARLY_START_BELOW full."""
+    if worker.reserved_requests + 1 > EARLY_START_BELOW * worker.max_num_seqs:
+        return False
+    capacity = worker.kv_capacity_tokens
+    return capacity <= 0 or worker.reserved_tokens + route.reserved_tokens <= EARLY_START_BELOW * capacity
+
+
+async def _hang_up(asking: asyncio.Future) -> None:
+    """Stop asking an engine; close the stream if it had already answered."""
+    asking.cancel()
+    try:
+        stream = await asking
+    except BaseException:  # noqa: BLE001 - cancelled, or the engine failed: nothing is open
+        return
+    stream.close()
 
 
 def _unservable(model: str, excluded: set[str] | frozenset[str], workers: list[Worker]) -> APIError | None:

@@ -295,14 +295,19 @@ def test_worker_launches_real_vllm_and_reports_its_load(slow_heartbeat_gateway, 
 
     def stream_until_seen() -> None:
         with gw.client as client:
-            while not seen_running.is_set() and len(results) < 20:
+            give_up = time.monotonic() + 100
+            while not seen_running.is_set() and time.monotonic() < give_up:
                 with client.stream("POST", "/v1/chat/completions", json=body) as response:
                     results.append((response.status_code, [line for line in response.iter_lines() if line]))
 
     streamer = threading.Thread(target=stream_until_seen)
     streamer.start()
     try:
-        wait_for(lambda: (w := one_worker(gw)) and w["running"] == 1, 60, "the worker to report vLLM's running request")
+        try:
+            wait_for(lambda: (w := one_worker(gw)) and w["running"] == 1, 100, "the worker to report vLLM's running request")
+        except AssertionError as exc:
+            seen = [(status, len(lines), lines[-1][:200] if lines else "") for status, lines in results]
+            raise AssertionError(f"{exc}; answers so far (status, lines, last line): {seen}; worker: {one_worker(gw)}") from None
     finally:
         seen_running.set()
         streamer.join(120)

@@ -1,0 +1,90 @@
+"""Early starts: at a worker far below its line, the engine is asked while the
+request's reservation is still on its way to Redis. When that reservation is
+refused after all (another gateway filled the worker in the meantime), the
+engine's work is hung up at once and the request goes where there is room,
+with nothing left behind on either side. Real Redis, real simulated engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+
+from gateway.config import GatewayConfig
+from gateway.dispatch import Dispatcher, Job, _far_below_line
+from gateway.engine_client import EngineClient
+from gateway.fleet import READY, RouteRequest, Worker
+from gateway.metrics import GatewayMetrics
+from gateway.policies import POLICIES, make_policy
+from gateway.registry import Registry
+from gateway.relay import ClientStream
+from gateway.schemas import CompletionRequest, parse_body
+from workers.sim.engine import SimConfig, SimEngine
+from workers.sim.server import EnginesInThread
+
+MODEL = "deepseek-r1-distill-qwen-1.5b"
+
+
+def job_for(body: dict, request_id: str) -> Job:
+    params = parse_body(CompletionRequest, body)
+    return Job(kind="completions", params=params, body=body, request_id=request_id,
+               route=RouteRequest(model=MODEL, prompt_tokens=4, max_output_tokens=body["max_tokens"], center="dc-a"),
+               client=ClientStream("completions", MODEL, request_id, include_usage=False, return_token_ids=False))
+
+
+def test_only_a_worker_far_below_its_line_is_started_early():
+    route = RouteRequest(model=MODEL, prompt_tokens=100, max_output_tokens=900)
+    worker = Worker(id="w", center="dc-a", model=MODEL, engine_url="http://x", max_num_seqs=8, kv_capacity_tokens=10_000)
+    assert _far_below_line(worker, route)
+    assert not _far_below_line(Worker(**{**worker.__dict__, "reserved_requests": 4}), route)  # a fifth would pass half
+    assert not _far_below_line(Worker(**{**worker.__dict__, "reserved_tokens": 4_500}), route)  # KV past half
+
+
+def test_an_early_start_whose_room_was_taken_hangs_up_and_goes_where_there_is_room(redis_url):
+    engines = [SimEngine(SimConfig(model=MODEL, time_scale=1.0, max_num_seqs=4)) for _ in range(2)]
+    with EnginesInThread(engines) as fleet:
+
+        async def scenario() -> tuple[str, bytes, bool]:
+            redis = aioredis.Redis.from_url(redis_url)
+            registry = Registry(redis, heartbeat_ttl=60)
+            now = await registry.now()
+            a, b = (Worker(id=name, center="dc-a", model=MODEL, engine_url=url, state=READY, max_num_seqs=4,
+                           kv_capacity_tokens=100_000, last_heartbeat=now) for name, url in zip("ab", fleet.urls))
+            await registry.register(a)
+            config = GatewayConfig(redis_url=redis_url, center="dc-a", policy="round_robin", heartbeat_ttl_s=60)
+            engines_client = EngineClient(connect_timeout_s=2, idle_timeout_s=30)
+            dispatcher = Dispatcher(config, registry, engines_client, GatewayMetrics(), {n: make_policy(n) for n in POLICIES})
+            view = await dispatcher.refresh()
+            assert [w.id for w in view.workers] == ["a"]  # this gateway last saw `a`, empty
+            # Meanwhile another gateway fills `a`, and `b` joins the fleet.
+            for i in range(4):
+                assert (await registry.reserve(a, f"elsewhere-{i}", 100)).ok
+            await registry.register(b)
+
+            job = job_for({"model": MODEL, "prompt": "hi", "max_tokens": 20, "stream": True}, "early-1")
+            attempt = await dispatcher.start(job)
+            body = b"".join([data async for data in attempt.response.chunks()])
+            await attempt.close()
+            await dispatcher.release(job, attempt.worker)
+            left_on_a = await registry.get("a")
+            # Nothing of ours runs on `a`'s engine: it was hung up on (or never asked).
+            deadline = time.monotonic() + 3
+            while await asyncio.to_thread(work_on_a) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(work_on_a) == 0
+            await dispatcher.close()
+            await engines_client.close()
+            await registry.close()
+            await redis.aclose()
+            assert left_on_a is not None and left_on_a.reserved_requests == 4  # only the other gateway's
+            return attempt.worker.id, body, job.early_refused
+
+        def work_on_a() -> int:
+            return fleet.run(lambda: len(engines[0].running) + engines[0].num_waiting + engines[0].finished_total["length"])
+
+        served_by, body, early_refused = asyncio.run(scenario())
+
+        assert early_refused, "the request was started early on `a`, and its reservation there refused"
+        assert served_by == "b"
+        assert body.count(b"data: ") >= 20 and body.rstrip().endswith(b"data: [DONE]")
