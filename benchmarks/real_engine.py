@@ -249,7 +249,7 @@ every byte of serving is vLLM's own, so the gateway relays real vLLM streams at 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per target, alternating (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="runs per target, alternating (default 4)")
     parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (default 16)")
     parser.add_argument("--num-requests", type=int, default=64, help="requests per run (default 64)")
     parser.add_argument("--input-len", type=int, default=64)
