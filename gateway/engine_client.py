@@ -207,6 +207,7 @@ class _Connection(asyncio.Protocol):
     def reader_caught_up(self) -> None:
         if self.reading_paused and self.stream is not None and self.stream._body_bytes <= RESUME_AT_BYTES:
             self.reading_paused = False
+            self.last_read_at = time.monotonic()  # the engine's silence counts from when we listen again
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def abandon(self) -> None:
@@ -224,11 +225,15 @@ class _Connection(asyncio.Protocol):
         """The idle timeout: fires once per idle_timeout_s while a request runs,
         not rescheduled on every read."""
         silent_s = time.monotonic() - self.last_read_at
-        if self.reading_paused or silent_s < self.idle_timeout_s:  # a paused reader is our silence, not the engine's
-            self._timer = asyncio.get_running_loop().call_later(self.idle_timeout_s - min(silent_s, self.idle_timeout_s) + 0.001, self._check_silence)
+        if self.reading_paused:  # our reader is behind: the silence is ours, not the engine's
+            wait_s = self.idle_timeout_s
+        elif silent_s < self.idle_timeout_s:
+            wait_s = self.idle_timeout_s - silent_s
+        else:
+            self._timer = None
+            self._break(EngineTimeout(f"engine went silent for {silent_s:.0f} s"))
             return
-        self._timer = None
-        self._break(EngineTimeout(f"engine went silent for {silent_s:.0f} s"))
+        self._timer = asyncio.get_running_loop().call_later(wait_s, self._check_silence)
 
     def _break(self, error: EngineError) -> None:
         if self.stream is not None:

@@ -197,3 +197,21 @@ async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent():
             await client.stream(url, {}, {"X-Request-Id": "abc\r\nX-Injected: 1"})
     await client.close()
     assert engine.bodies == []
+
+
+async def test_a_reader_that_stalls_longer_than_the_idle_timeout_is_not_a_silent_engine():
+    # The engine is never silent here: the gateway stopped reading it, for longer than
+    # the idle timeout, because its own reader fell behind.
+    client = EngineClient(connect_timeout_s=2, idle_timeout_s=0.2)
+    total = 16 << 20
+    engine = Engine(chunks=total // (64 << 10), gap_s=0, chunk_bytes=64 << 10)
+    async with engine as url:
+        stream = await client.stream(url, {"prompt": "hi"}, {})
+        chunks = stream.chunks()
+        received = len(await chunks.__anext__())
+        await asyncio.sleep(0.8)
+        async for data in chunks:
+            received += len(data)
+        stream.close()
+    await client.close()
+    assert received >= total
