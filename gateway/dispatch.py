@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import anyio
 
@@ -544,32 +544,27 @@ class Dispatcher:
         """The engine's stream for `job` on `worker`, asked for while `reserving`
         (if given) is on its way; the room goes back on any failure (RoomRefused
         if the reservation was refused, EngineFailed, APIError, or cancellation)."""
-        if reserving is None:
+        asking: Awaitable[EngineStream] = self._ask_engine(job, worker, resume)
+        if reserving is not None:
+            asking = asyncio.ensure_future(asking)  # the engine is asked while Redis answers
             try:
-                return await self._ask_engine(job, worker, resume)
-            except BaseException:
+                # Shielded: a client that leaves now must not cut the call short, or
+                # room Redis did reserve would stay taken until its lease ran out.
+                reservation: Reservation = await asyncio.shield(reserving)
+            except BaseException:  # Redis away, or the client left: neither the room nor the engine's work is kept
                 with anyio.CancelScope(shield=True):
-                    await self.release(job, worker)
+                    await _hang_up(asking)
+                    with contextlib.suppress(Exception):
+                        if (await reserving).ok:
+                            await self.release(job, worker)
                 raise
-        asking = asyncio.ensure_future(self._ask_engine(job, worker, resume))
-        try:
-            # Shielded: a client that leaves now must not cut the call short, or
-            # room Redis did reserve would stay taken until its lease ran out.
-            reservation: Reservation = await asyncio.shield(reserving)
-        except BaseException:  # Redis away, or the client left: neither the room nor the engine's work is kept
-            with anyio.CancelScope(shield=True):
-                await _hang_up(asking)
-                with contextlib.suppress(Exception):
-                    if (await reserving).ok:
-                        await self.release(job, worker)
-            raise
-        if not reservation.ok:
-            job.early_refused = True  # from now on, room first
-            with anyio.CancelScope(shield=True):
-                await _hang_up(asking)
-            if reservation.reason != "queued":
-                await self.refresh()  # another gateway took that room: look again, freshly
-            raise RoomRefused(reservation.reason)
+            if not reservation.ok:
+                job.early_refused = True  # from now on, room first
+                with anyio.CancelScope(shield=True):
+                    await _hang_up(asking)
+                if reservation.reason != "queued":
+                    await self.refresh()  # another gateway took that room: look again, freshly
+                raise RoomRefused(reservation.reason)
         try:
             return await asking
         except BaseException:
