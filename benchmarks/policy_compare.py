@@ -74,6 +74,7 @@ from gateway.fleet_file import Fleet, load_fleet
 from gateway.policies import POLICIES
 from workers.engine_metrics import parse_metrics
 from workers.sim.profiles import PerfModel, get_gpu, get_model
+from workers.sim.tokens import render_chat
 
 log = logging.getLogger("idlegrid.policy_compare")
 
@@ -104,6 +105,10 @@ class Settings:
     slo_tpot_ms: float = 60.0  # simulated ms; slo_pack's own target
     max_num_seqs: int = 256  # vLLM's default
     gateway_center: str = ""  # default: the fleet file's first center
+    # Prompt lengths: R1's (median 120) times this. Shortening outputs alone turns R1's
+    # decode-bound work into prefill-bound work; scaling both keeps R1's proportions
+    # (the instruction line stays whole, so a prompt never drops below ~20 tokens).
+    prompt_scale: float = 1.0
     idlegrid_policies: tuple[str, ...] = IDLEGRID_POLICIES
     router_policies: tuple[str, ...] = VLLM_ROUTER_POLICIES
     seed: int = 0
@@ -115,6 +120,11 @@ class Settings:
         median = 4000 * self.output_scale
         return LogNormal(median=median, sigma=0.9, low=max(8, round(256 * self.output_scale)),
                          high=max(16, round(min(32768 * self.output_scale, self.output_cap_medians * median))))
+
+    @property
+    def prompt_lengths(self) -> LogNormal:
+        return LogNormal(median=R1_INPUT.median * self.prompt_scale, sigma=R1_INPUT.sigma,
+                         low=max(1, round(R1_INPUT.low * self.prompt_scale)), high=max(2, round(R1_INPUT.high * self.prompt_scale)))
 
     def slo_wall(self) -> dict[str, float]:
         """The SLO in the wall-clock milliseconds the bench measures."""
@@ -152,14 +162,16 @@ QUICK = dataclasses.replace(
 # --- workload and capacity ------------------------------------------------------------------
 
 
-def r1_requests(n: int, outputs: LogNormal, seed: int, text_seed: str) -> list[BenchRequest]:
-    """R1-style requests (short math prompts, long reasoning outputs) with scaled output lengths.
+def r1_requests(n: int, outputs: LogNormal, seed: int, text_seed: str, prompts: LogNormal = R1_INPUT) -> list[BenchRequest]:
+    """R1-style requests (short math prompts, long reasoning outputs) with scaled lengths.
     Same `seed`: same lengths; `text_seed` gives each level fresh prompt text."""
     lengths, text = random.Random(seed), random.Random(text_seed)
+    instruction_len = len(R1_INSTRUCTION.split())
     requests = []
     for i in range(n):
-        input_len, output_len = R1_INPUT.draw(lengths), outputs.draw(lengths)
-        body = filler_text(max(1, input_len - len(R1_INSTRUCTION.split())), text)
+        input_len, output_len = prompts.draw(lengths), outputs.draw(lengths)
+        input_len = max(input_len, instruction_len + 1)  # the body is at least one word
+        body = filler_text(input_len - instruction_len, text)
         messages = [{"role": "user", "content": f"{body}\n{R1_INSTRUCTION}"}]
         requests.append(BenchRequest(index=i, messages=messages, input_len=input_len, output_len=output_len))
     return requests
@@ -178,6 +190,11 @@ def gpu_capacity(perf: PerfModel, prompt_mean: float, output_mean: float, output
                  tpot_slo_ms: float, max_num_seqs: int) -> GpuCapacity:
     """Steady decode throughput of one GPU at the largest batch that meets the TPOT SLO.
 
+    Prefill shares the steps: at batch B, B/L requests finish per step (Little's law with
+    L output tokens each), so as many arrive, and their prompts add B x prompt / L
+    computed tokens to every step on average. Counting them keeps the nominal load
+    honest when prompts are long next to outputs.
+
     A running sequence holds its prompt plus the output made so far; over a
     request's life that averages prompt + L/2, and longer requests are running
     for longer, so the KV tokens of a randomly picked running sequence average
@@ -185,21 +202,28 @@ def gpu_capacity(perf: PerfModel, prompt_mean: float, output_mean: float, output
     (prompt + whole output) against 90% of the cache, as its headroom check does."""
     context = prompt_mean + output_sq_mean / (2 * output_mean)
     kv_bound = int(0.9 * perf.kv_capacity_tokens // (prompt_mean + output_mean))
-    best = GpuCapacity(perf.gpu.id, 1, perf.step_seconds(1, int(context), 1) * 1000, 0.0, "tpot_slo")
+    prefill_per_seq = prompt_mean / output_mean  # prompt tokens computed per decoded token
+
+    def step_s(batch: int) -> float:
+        return perf.step_seconds(round(batch * (1 + prefill_per_seq)), int(batch * context), batch)
+
+    best = GpuCapacity(perf.gpu.id, 1, step_s(1) * 1000, 0.0, "tpot_slo")
     for batch in range(1, max_num_seqs + 1):
         if batch > kv_bound:
             best.limited_by = "kv_cache"
             break
-        step_s = perf.step_seconds(batch, int(batch * context), batch)
-        if step_s * 1000 > tpot_slo_ms:
+        seconds = step_s(batch)
+        if seconds * 1000 > tpot_slo_ms:
             break
-        best = GpuCapacity(perf.gpu.id, batch, step_s * 1000, batch / step_s, "max_num_seqs" if batch == max_num_seqs else "tpot_slo")
+        best = GpuCapacity(perf.gpu.id, batch, seconds * 1000, batch / seconds, "max_num_seqs" if batch == max_num_seqs else "tpot_slo")
     return best
 
 
 def fleet_capacity(fleet: Fleet, requests: Sequence[BenchRequest], settings: Settings) -> dict:
-    """Requests per simulated second the fleet serves within the TPOT SLO (see `gpu_capacity`)."""
-    prompt_mean = sum(r.input_len for r in requests) / len(requests)
+    """Requests per simulated second the fleet serves within the TPOT SLO (see `gpu_capacity`).
+    Prompt tokens are what the simulated engines prefill (their tokenizer and chat
+    template), not the drawn lengths: the R1 instruction alone is 42 of their tokens."""
+    prompt_mean = sum(len(render_chat(r.messages)) for r in requests) / len(requests)
     output_mean = sum(r.output_len for r in requests) / len(requests)
     output_sq_mean = sum(r.output_len**2 for r in requests) / len(requests)
     per_gpu, total = [], 0.0
@@ -728,13 +752,14 @@ async def compare(settings: Settings, out: Path, work_dir: Path) -> dict:
     if any(g.model != model for g in fleet.groups):
         raise SystemExit("policy_compare: every worker group must serve the same model")
     # The same lengths at every level and for every configuration; fresh prompt text per level.
-    rough = r1_requests(2000, settings.output_lengths, settings.seed, "capacity")
+    rough = r1_requests(2000, settings.output_lengths, settings.seed, "capacity", settings.prompt_lengths)
     capacity = fleet_capacity(fleet, rough, settings)
     levels = []
     for i, load in enumerate(settings.loads):
         rate_sim = load * capacity["requests_per_s"]
         n = max(4, round(rate_sim * settings.send_s))
-        levels.append((load, rate_sim, r1_requests(n, settings.output_lengths, settings.seed + i, f"level-{i}")))
+        levels.append((load, rate_sim, r1_requests(n, settings.output_lengths, settings.seed + i, f"level-{i}",
+                                                   settings.prompt_lengths)))
 
     logs = work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -856,6 +881,7 @@ def build_summary(settings: Settings, fleet: Fleet, center: str, model: str, cap
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(settings).items()},
             "fleet": str(Path(settings.fleet).relative_to(ROOT.parent)) if Path(settings.fleet).is_relative_to(ROOT.parent) else str(settings.fleet),
             "output_lengths": dataclasses.asdict(settings.output_lengths),
+            "prompt_lengths": dataclasses.asdict(settings.prompt_lengths),
             "slo": {"ttft_ms": settings.slo_ttft_ms, "tpot_ms": settings.slo_tpot_ms, "clock": "simulated"},
         },
         "fleet": {
@@ -1019,7 +1045,9 @@ def readme(summary: dict, plots: Sequence[str], out: Path) -> str:
         "",
         f"- Fleet (`{s['fleet']}`): {groups}; gateway in `{fleet['gateway_center']}`; model `{fleet['model']}`; "
         f"max_num_seqs {s['max_num_seqs']}. Round trips are added to every engine response by the simulator.",
-        f"- Workload: R1-style (short math prompts, median {R1_INPUT.median:g} tokens; long-tailed reasoning outputs) "
+        f"- Workload: R1-style (short math prompts, median {s.get('prompt_lengths', {}).get('median', R1_INPUT.median):g} tokens"
+        f"{'' if s.get('prompt_scale', 1) == 1 else ' (R1 scaled by ' + format(s['prompt_scale'], 'g') + ', the instruction kept whole)'}"
+        f"; long-tailed reasoning outputs) "
         f"with output lengths log-normal, median {lengths['median']:g}, σ {lengths['sigma']:g}, clipped to "
         f"[{lengths['low']}, {lengths['high']}] tokens: the bench's `r1` distribution scaled by {s['output_scale']:g}. "
         "Open-loop Poisson arrivals, `max_tokens` = drawn length with `ignore_eos`. Prompts are random text (no shared prefixes).",
@@ -1226,6 +1254,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         changes["send_s"] = args.send_s
     if args.max_num_seqs:
         changes["max_num_seqs"] = args.max_num_seqs
+    if args.prompt_scale:
+        changes["prompt_scale"] = args.prompt_scale
     if args.output_cap_medians:
         changes["output_cap_medians"] = args.output_cap_medians
     if args.policies is not None:
@@ -1263,6 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fleet", help="fleet TOML ([[workers]] center/gpu/model/count, [centers] round trips)")
     parser.add_argument("--time-scale", type=float, help="simulated seconds per wall second")
     parser.add_argument("--output-scale", type=float, help="multiply the R1 output-length distribution by this")
+    parser.add_argument("--prompt-scale", type=float, help="multiply the R1 prompt-length distribution by this (default 1)")
     parser.add_argument("--loads", help="comma-separated fractions of capacity, e.g. 0.5,0.8,0.95")
     parser.add_argument("--send-s", type=float, help="simulated seconds of arrivals per load level")
     parser.add_argument("--max-num-seqs", type=int, help="every engine's max_num_seqs")

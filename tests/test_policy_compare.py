@@ -5,6 +5,7 @@ plots and per-configuration results a reader of the committed run relies on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -33,8 +34,20 @@ def test_capacity_batch_is_the_largest_meeting_the_tpot_slo():
     assert cap.tpot_ms <= 60.0
     context = 120 + 4000**2 * 1.5 / (2 * 4000)
     one_more = cap.batch + 1
-    assert h20.step_seconds(one_more, int(one_more * context), one_more) * 1000 > 60.0
+    computed = round(one_more * (1 + 120 / 4000))  # decodes plus the prompts arriving to replace finished ones
+    assert h20.step_seconds(computed, int(one_more * context), one_more) * 1000 > 60.0
     assert cap.tokens_per_s == pytest.approx(cap.batch / (cap.tpot_ms / 1000))
+
+
+def test_capacity_counts_the_prefill_of_arriving_prompts():
+    """Short outputs behind long prompts: the fleet decodes less than a decode-only count says."""
+    h20 = perf("h20")
+    decode_heavy = pc.gpu_capacity(h20, prompt_mean=10, output_mean=100, output_sq_mean=100**2, tpot_slo_ms=60.0, max_num_seqs=256)
+    prefill_heavy = pc.gpu_capacity(h20, prompt_mean=400, output_mean=100, output_sq_mean=100**2, tpot_slo_ms=60.0, max_num_seqs=256)
+    # Same KV context per running sequence would favour neither; 390 more prompt tokens per
+    # 100 decoded cost compute in every step, so the SLO batch and the throughput both drop.
+    assert prefill_heavy.batch < decode_heavy.batch
+    assert prefill_heavy.tokens_per_s < 0.5 * decode_heavy.tokens_per_s
 
 
 def test_capacity_is_capped_by_max_num_seqs_and_by_the_kv_cache():
@@ -56,6 +69,13 @@ def test_scaled_r1_workload_is_repeatable_and_scaled():
     outputs = [r.output_len for r in a]
     assert lengths.low <= min(outputs) and max(outputs) <= lengths.high
     assert lengths.high == round(settings.output_cap_medians * lengths.median)
+    # Prompts scale too, down to the R1 instruction plus one word.
+    short = dataclasses.replace(settings, prompt_scale=1 / 128)
+    scaled = pc.r1_requests(400, lengths, seed=3, text_seed="x", prompts=short.prompt_lengths)
+    assert [r.output_len for r in scaled] == outputs
+    words = [len(r.messages[0]["content"].split()) for r in scaled]
+    assert min(words) == len(pc.R1_INSTRUCTION.split()) + 1
+    assert sum(words) < sum(len(r.messages[0]["content"].split()) for r in a) / 5
     assert statistics.median(outputs) == pytest.approx(4000 * settings.output_scale, rel=0.2)
 
 
