@@ -405,18 +405,21 @@ class Dispatcher:
                 in_line.append((rank, waiter))
         in_line.sort(key=lambda entry: entry[0])
         placed = 0  # requests placed in this pass no longer stand ahead of the rest
+        declined = 0  # ours ahead that chose to wait for room at home: they take none now
         for rank, waiter in in_line:
             ahead = rank - placed
-            if ahead >= room:
+            if ahead - declined >= room:
                 break  # nobody further back may take room either
             job = waiter.job
-            # A request takes room only when fewer requests stand ahead of it than there
-            # are workers with room for it: it never passes one waiting at another gateway.
+            # A request takes room only when fewer requests that may take it stand ahead
+            # than there are workers with room: it never passes one waiting at another gateway.
             pool = self._pool(job.route, job.excluded, view)
-            if ahead >= len(pool) or waiter.placed.done():
+            if ahead - declined >= len(pool) or waiter.placed.done():
                 continue
-            choice = waiter.policy.choose(self._locate(job.route, view), pool)
+            # Everyone ahead waits for home's slots before it, so they count in its wait there.
+            choice = waiter.policy.choose(self._locate(job.route, view, ahead), pool)
             if choice is None:
+                declined += 1
                 continue
             reservation = await self._reserve(job, choice, unless_queued=False)
             if not reservation.ok:  # our view was behind: another pass, on a fresh one
@@ -429,9 +432,10 @@ class Dispatcher:
             else:
                 waiter.placed.set_result(choice)
 
-    def _locate(self, route: RouteRequest, view: FleetView) -> RouteRequest:
+    def _locate(self, route: RouteRequest, view: FleetView, ahead: int = 0) -> RouteRequest:
         """Add what a policy weighs before sending `route` away from the gateway's
-        center: the round trip to each center, and the wait for room at home."""
+        center: the round trip to each center, and the wait for room at home
+        behind the `ahead` requests queued before it."""
         if not route.center:
             return route
         route.center_rtt_ms = self.distances.table({w.center for w in view.workers})
@@ -441,7 +445,7 @@ class Dispatcher:
             if w.center == route.center and w.model == route.model and w.state == READY
             and (not allowed or w.center in allowed)
         ]
-        route.local_wait_ms = expected_wait_ms(home, route)
+        route.local_wait_ms = expected_wait_ms(home, route, ahead)
         return route
 
     def _pool(self, route: RouteRequest, excluded: set[str], view: FleetView) -> list[Worker]:

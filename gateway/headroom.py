@@ -86,28 +86,33 @@ def fill_fraction(worker: Worker) -> float:
     return by_seqs
 
 
-def expected_wait_ms(workers: Iterable[Worker], request: RouteRequest) -> float | None:
-    """How long `request` would wait for a slot on one of `workers` (ms): 0 if
-    one has headroom now, else until the first of their sequences is expected to
+def expected_wait_ms(workers: Iterable[Worker], request: RouteRequest, ahead: int = 0) -> float | None:
+    """How long `request` would wait for a slot on one of `workers` (ms), with
+    `ahead` requests in line before it: 0 if a worker has headroom for each of
+    them and for it, else until enough of their sequences are expected to
     finish; None if there is no worker to wait for, or none whose speed is known.
 
     A worker running n answers at its predicted TPOT finishes one every
     (answer length x TPOT) / n on average (they started at different times), so
-    the soonest slot anywhere is the smallest of those. Answer length: what its
-    reservations expect on average, or this request's expectation if unknown.
+    slots free at the sum of those rates, and the request's turn comes when the
+    (ahead + 1)-th has. Counting the line matters: a busy worker frees a slot
+    every few milliseconds, but a request with a hundred ahead of it waits for a
+    hundred of them. Answer length: what its reservations expect on average, or
+    this request's expectation if unknown.
     """
-    soonest: float | None = None
+    workers = list(workers)
+    slots_needed = ahead + 1 - sum(1 for w in workers if has_headroom(w, request))
+    if slots_needed <= 0:
+        return 0.0
+    slots_per_ms = 0.0
     for worker in workers:
-        if has_headroom(worker, request):
-            return 0.0
         tpot = predicted_tpot_ms(worker)
         if tpot is None:
             continue
         held = worker.reserved_requests
         answer_tokens = worker.reserved_tokens / held if held and worker.reserved_tokens else request.max_output_tokens
-        interval = tpot * max(1.0, answer_tokens) / max(1, sequences_held(worker))
-        soonest = interval if soonest is None else min(soonest, interval)
-    return soonest
+        slots_per_ms += max(1, sequences_held(worker)) / (tpot * max(1.0, answer_tokens))
+    return slots_needed / slots_per_ms if slots_per_ms > 0 else None
 
 
 def is_fresh(worker: Worker, now: float, heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL_S) -> bool:

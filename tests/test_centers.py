@@ -3,6 +3,7 @@ limited to some centers (data residency) is never served anywhere else."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import httpx
@@ -74,6 +75,22 @@ def test_a_request_leaves_home_only_when_the_wait_there_is_longer_than_the_trip(
 
         assert where_does_the_next_one_go(1_500) == "dc-b", "seconds of waiting at home > a 200 ms trip"
         assert where_does_the_next_one_go(60) == "dc-a", "a slot freeing within ~100 ms at home beats the trip"
+
+        # A burst of such short requests: home frees a slot every ~100 ms, so the head
+        # of the line waits for it, and those with two or more ahead of them (a wait
+        # of 300 ms and up) cross to dc-b instead of queueing.
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", gw.url + "/v1/completions", json=body, headers=headers, timeout=60) as first:
+            assert centers[first.headers["x-idlegrid-worker"]] == "dc-a"
+            next(first.iter_lines())
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(lambda _: httpx.post(
+                    gw.url + "/v1/completions", headers=headers, timeout=60,
+                    json={"model": MODEL, "prompt": "hi", "max_tokens": 60, "ignore_eos": True}), range(6)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        followers = [centers[a.headers["x-idlegrid-worker"]] for a in answers]
+        assert followers.count("dc-a") >= 1, f"the head of the line waits at home: {followers}"
+        assert followers.count("dc-b") >= 2, f"requests far back in line cross: {followers}"
     finally:
         gw.stop_agents()
         server.stop()

@@ -462,7 +462,7 @@ def test_slo_pack_prefers_home_then_waits_or_travels_by_round_trip():
         assert policy.choose(request, [far, near]).id == "near"
 
 
-def test_expected_wait_is_the_soonest_slot_at_home():
+def test_expected_wait_counts_the_slots_freeing_at_home_and_the_line_ahead():
     from gateway.headroom import expected_wait_ms
 
     request = make_request(max_output_tokens=1_000)
@@ -472,7 +472,14 @@ def test_expected_wait_is_the_soonest_slot_at_home():
     # Full at 8 sequences of ~1,000 tokens at 20 ms/token: one finishes every 20 s / 8.
     full = make_worker("full", max_num_seqs=8, reserved_requests=8, tpot_base_ms=20)
     assert expected_wait_ms([full], request) == pytest.approx(20 * 1_000 / 8)
+    # With 3 requests queued ahead, the 4th slot to free is this request's.
+    assert expected_wait_ms([full], request, ahead=3) == pytest.approx(4 * 20 * 1_000 / 8)
+    # Two full workers free slots at the sum of their rates: 8 + 4 every 20 s.
     busier = make_worker("busier", max_num_seqs=4, reserved_requests=4, tpot_base_ms=20)
-    assert expected_wait_ms([full, busier], request) == pytest.approx(20 * 1_000 / 8), "the soonest slot anywhere"
+    assert expected_wait_ms([full, busier], request) == pytest.approx(20 * 1_000 / 12)
+    # Room now for the one ahead but not for this request too: it waits for the next
+    # slot to free, on full (8 running) or on roomy (then running the one ahead).
+    assert expected_wait_ms([roomy, full], request, ahead=0) == 0.0
+    assert expected_wait_ms([roomy, full], request, ahead=1) == pytest.approx(20 * 1_000 / 9)
     unknown = make_worker("unknown", max_num_seqs=8, reserved_requests=8)
     assert expected_wait_ms([unknown], request) is None, "no speed known: nothing to weigh"

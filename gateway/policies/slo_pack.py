@@ -17,8 +17,8 @@ KV cache alone would suggest.
 Centers: a GPU in the gateway's own center is preferred whenever one meets the
 SLO. When none has room, the request goes to another center only if the round
 trip to it (`request.center_rtt_ms`, configured and then measured) is less than
-the expected wait for room at home (`request.local_wait_ms`); otherwise it waits
-in the admission queue.
+the expected wait for room at home (`request.local_wait_ms`, behind the requests
+queued ahead of it); otherwise it waits in the admission queue.
 """
 
 from __future__ import annotations
