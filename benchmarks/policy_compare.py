@@ -51,6 +51,7 @@ import math
 import os
 import random
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -744,7 +745,7 @@ class ConfigResult:
     error: str | None = None
 
 
-async def compare(settings: Settings, out: Path, work_dir: Path) -> dict:
+async def compare(settings: Settings, out: Path, work_dir: Path, command: str = "python -m benchmarks.policy_compare") -> dict:
     began = time.monotonic()
     fleet = load_fleet(settings.fleet)
     center = settings.gateway_center or fleet.groups[0].center
@@ -789,6 +790,7 @@ async def compare(settings: Settings, out: Path, work_dir: Path) -> dict:
         redis.stop()
     summary = build_summary(settings, fleet, center, model, capacity, levels, results)
     summary["wall_s"] = time.monotonic() - began
+    summary["command"] = command
     if settings.full_scale_placement:
         summary["full_scale_placement"] = full_scale_placement(settings.loads)
     write_outputs(out, summary, results, settings)
@@ -1039,7 +1041,7 @@ def readme(summary: dict, plots: Sequence[str], out: Path) -> str:
         "calibrated to published measurements) and energy from its power model (**modeled**, not measured). "
         "Latencies and rates are in simulated time.",
         "",
-        f"Made by `python -m benchmarks.policy_compare` on {summary['date']}.",
+        f"Made by `{summary.get('command', 'python -m benchmarks.policy_compare')}` on {summary['date']}.",
         "",
         "## Setup",
         "",
@@ -1338,6 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"redrew {out}/README.md and its plots")
         return 0
     settings = settings_from_args(args)
+    command = shlex.join(["python", "-m", "benchmarks.policy_compare", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("idlegrid.worker").setLevel(logging.WARNING)
     if args.out:
@@ -1354,7 +1357,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             runner = asyncio.run
         try:
-            summary = runner(_stoppable(compare(settings, out, Path(work))))
+            summary = runner(_stoppable(compare(settings, out, Path(work), command)))
         except (asyncio.CancelledError, KeyboardInterrupt):
             print("policy_compare: stopped; everything it started has been stopped too", file=sys.stderr)
             return 130

@@ -63,18 +63,38 @@ def predicted_tpot_ms(worker: Worker, extra_request: RouteRequest | None = None)
     KV cache (a part growing with the KV tokens held), and computes one token per
     sequence (the GEMMs and sampling grow with the batch: a part per sequence,
     which is what limits a GPU with little compute for its bandwidth, like the
-    H20). Without that model we fall back to the TPOT measured on the worker's
-    own streams; None if neither.
+    H20). Prompts share those steps: as answers finish, new ones arrive and
+    their prompts are computed alongside the decodes, P/L prompt tokens per
+    decoded token for answers of L tokens behind prompts of P, each costing
+    about what a sequence's decode token does. Negligible for R1 (prompts of
+    hundreds, answers of thousands), not for short answers behind long prompts.
+    Without that model we fall back to the TPOT measured on the worker's own
+    streams; None if neither.
     """
     if worker.tpot_base_ms is None:
         return worker.tpot_ms
     kv_tokens, sequences = kv_tokens_held(worker), sequences_held(worker)
+    prompt_tokens, output_tokens = reserved_prompt_and_output(worker)
     if extra_request is not None:
         kv_tokens += extra_request.average_kv_tokens
         sequences += 1
+        prompt_tokens += extra_request.prompt_tokens
+        output_tokens += extra_request.max_output_tokens
+    prefill_per_step = sequences * prompt_tokens / output_tokens if output_tokens > 0 else 0.0
     per_1k = worker.tpot_ms_per_1k_kv or 0.0
     per_seq = worker.tpot_ms_per_seq or 0.0
-    return worker.tpot_base_ms + per_1k * kv_tokens / 1000 + per_seq * sequences
+    return worker.tpot_base_ms + per_1k * kv_tokens / 1000 + per_seq * (sequences + prefill_per_step)
+
+
+def reserved_prompt_and_output(worker: Worker) -> tuple[int, int]:
+    """Prompt and output tokens of the worker's reservations, summed. Each counts
+    prompt + output in full (`reserved_tokens`) and prompt + output / 2 on average
+    (`reserved_average_kv_tokens`), so the two sums give both apart; (0, 0) for a
+    record that does not track the average."""
+    if not worker.reserved_average_kv_tokens:
+        return 0, 0
+    output = max(0, 2 * (worker.reserved_tokens - worker.reserved_average_kv_tokens))
+    return max(0, worker.reserved_tokens - output), output
 
 
 def fill_fraction(worker: Worker) -> float:

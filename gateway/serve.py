@@ -42,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     # No HTTP keep-alive timeout games: streams stay open as long as the answer runs.
     # uvicorn picks uvloop and httptools (dependencies) when they are installed: the
     # event loop and the parsing of client requests then run in C.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30, loop="auto", http="auto")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=30, loop="auto", http="auto")
     return 0

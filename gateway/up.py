@@ -150,7 +150,7 @@ class Up:
             redis_url=redis_url, center=home, policy=args.policy, admin_token=admin_token,
             center_rtt_ms={c: self.fleet.rtt(home, c) for c in self.fleet.centers if c != home},
         )
-        server = uvicorn.Server(uvicorn.Config(create_app(config), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30))
+        server = uvicorn.Server(uvicorn.Config(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=30))
         server.install_signal_handlers = lambda: None  # we handle signals ourselves
         serve_task = asyncio.create_task(server.serve())
         while not server.started:

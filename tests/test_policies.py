@@ -135,12 +135,18 @@ def test_predicted_tpot_grows_with_kv_held_on_average_and_with_sequences():
     # 10 requests reserved at 5,000 tokens each, 3,000 on average over their lives.
     worker = make_worker("w", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, tpot_ms_per_seq=0.25,
                          reserved_requests=10, reserved_tokens=50_000, reserved_average_kv_tokens=30_000)
-    assert predicted_tpot_ms(worker, None) == pytest.approx(20 + 15 + 2.5)
+    # Their prompts are 10,000 tokens and their answers 40,000 (the two sums tell them
+    # apart), so a quarter of a prompt token is computed per decoded token, per sequence.
+    assert predicted_tpot_ms(worker, None) == pytest.approx(20 + 15 + 0.25 * 10 * 1.25)
     # One more: its prompt plus half its output (1,000 + 2,000 tokens), and one more sequence.
-    assert predicted_tpot_ms(worker, make_request()) == pytest.approx(20 + 16.5 + 2.75)
+    assert predicted_tpot_ms(worker, make_request()) == pytest.approx(20 + 16.5 + 0.25 * 11 * 1.25)
+    # Short answers behind long prompts: the same sequences cost more, all of it prefill.
+    prompt_heavy = make_worker("p", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.0, tpot_ms_per_seq=0.25,
+                               reserved_requests=10, reserved_tokens=10 * 500, reserved_average_kv_tokens=10 * 450)
+    assert predicted_tpot_ms(prompt_heavy, None) == pytest.approx(20 + 0.25 * 10 * (1 + 400 / 100))
     # The engine reporting more than we reserved (load from elsewhere) counts.
     worker.kv_usage, worker.running = 0.4, 20  # 80,000 of 200,000 tokens
-    assert predicted_tpot_ms(worker, None) == pytest.approx(20 + 40 + 5)
+    assert predicted_tpot_ms(worker, None) == pytest.approx(20 + 40 + 0.25 * 20 * 1.25)
     # A record without the average (written before it was tracked) counts full sizes.
     assert predicted_tpot_ms(make_worker("old", tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, reserved_tokens=40_000)) == 40.0
     assert predicted_tpot_ms(make_worker("m", tpot_ms=33.0), make_request()) == 33.0
@@ -324,7 +330,9 @@ def test_prefix_affinity_without_a_prefix_uses_least_load():
 # The H20 has a sixth of the H100's compute, so each sequence costs it ten times more.
 FAST = dict(gpu="h100", tpot_base_ms=10.0, tpot_ms_per_1k_kv=0.3, tpot_ms_per_seq=0.05, kv_capacity_tokens=300_000)
 SLOW = dict(gpu="h20", tpot_base_ms=25.0, tpot_ms_per_1k_kv=0.6, tpot_ms_per_seq=0.5, kv_capacity_tokens=150_000)
-# Each request of make_request() (3,000 KV tokens on average) adds 1.5 + 0.5 ms: 20 requests make 60 ms.
+# Each request of make_request() (3,000 KV tokens on average; 1,000 prompt tokens per 4,000
+# answered, so 1.25 tokens computed per decoded one) adds 1.5 + 0.5 x 1.25 ms: 18 requests
+# make 58.25 ms, a 19th 60.375.
 SAME = dict(tpot_base_ms=20.0, tpot_ms_per_1k_kv=0.5, tpot_ms_per_seq=0.5)
 
 
@@ -338,8 +346,8 @@ def holding(n: int, request: RouteRequest | None = None) -> dict:
 def test_slo_pack_fills_one_gpu_to_its_slo_before_touching_the_next():
     fleet = [make_worker(name, **SAME) for name in ("a", "b", "c")]
     picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 24)
-    # 20 requests take "a" to exactly 60 ms; the rest go to "b".
-    assert picks == Counter({"a": 20, "b": 4})
+    # 18 requests take "a" to 58.25 ms; the rest go to "b".
+    assert picks == Counter({"a": 18, "b": 6})
     assert fleet[2].reserved_requests == 0  # a whole GPU left idle for training
     assert all(predicted_tpot_ms(w) <= 60 for w in fleet)
 
@@ -348,15 +356,15 @@ def test_slo_pack_prefers_the_busiest_worker_that_still_meets_the_slo():
     fleet = [
         make_worker("idle", **SAME),
         make_worker("half", **holding(8), **SAME),
-        make_worker("full", **holding(20), **SAME),  # one more breaks 60 ms
+        make_worker("full", **holding(18), **SAME),  # one more breaks 60 ms
     ]
     assert SloPack().choose(make_request(), fleet).id == "half"
 
 
 def test_slo_pack_spills_to_the_lowest_predicted_tpot_when_no_worker_meets_the_slo():
     fleet = [
-        make_worker("slow-busy", reserved_average_kv_tokens=50_000, reserved_requests=20, **SLOW),  # 25 + 31.8 + 10.5 ms
-        make_worker("fast-busy", reserved_average_kv_tokens=170_000, reserved_requests=40, **FAST),  # 10 + 51.9 + 2.05 ms
+        make_worker("slow-busy", reserved_average_kv_tokens=50_000, reserved_requests=20, **SLOW),  # 25 + 31.8 + 13.1 ms
+        make_worker("fast-busy", reserved_average_kv_tokens=170_000, reserved_requests=40, **FAST),  # 10 + 51.9 + 2.6 ms
         make_worker("measured", tpot_ms=80.0),
     ]
     assert SloPack(tpot_slo_ms=60).choose(make_request(), fleet).id == "fast-busy"
@@ -365,9 +373,9 @@ def test_slo_pack_spills_to_the_lowest_predicted_tpot_when_no_worker_meets_the_s
 def test_slo_pack_packs_fast_gpus_deeper_than_slow_ones():
     fleet = [make_worker("h20", **SLOW), make_worker("h100", **FAST)]
     picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 60)
-    # The H100 is empty-first (faster) and meets 60 ms up to 52 requests; the H20
-    # (5x the cost per request: 1.8 + 0.5 ms) would only up to 15.
-    assert picks == Counter({"h100": 52, "h20": 8})
+    # The H100 is empty-first (faster) and meets 60 ms up to 51 requests (0.9 + 0.0625 ms
+    # each); the H20 (2.5x the cost per request: 1.8 + 0.625 ms) would only up to 14.
+    assert picks == Counter({"h100": 51, "h20": 9})
     assert all(predicted_tpot_ms(w) <= 60 for w in fleet)
 
 
