@@ -470,9 +470,9 @@ class IdlegridGateway:
         return Endpoint(f"idlegrid-{policy}", self.base_url, self.api_key, dict(self.workers.worker_ids))
 
     async def _wait_ready(self, client: httpx.AsyncClient, policy: str, timeout: float = 90.0) -> None:
-        """New workers serve once the gateway's qualification probe passes them. The probe
-        times the engines by the wall clock, so engines slowed below real time (time scale
-        under 1) can be flagged as slow: we vouch for those, as an operator would."""
+        """New workers serve once the gateway's qualification probe passes them. A probe
+        slowed by this busy machine can still flag one as slow: we vouch for those, as an
+        operator would."""
         deadline = time.monotonic() + timeout
         workers: list[dict] = []
         while time.monotonic() < deadline:

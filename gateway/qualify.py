@@ -255,8 +255,11 @@ def _verdict(worker: Worker, measured: dict[str, Any], settings: ProbeSettings) 
         return passed
     # Each batch against what the declared profile predicts for its size and the KV cache
     # it held; the median over batches, so one stalled or one bursty batch does not decide.
+    # A simulated engine slowed below real time declares its GPU's speed in simulated
+    # time: the wall-clock measurement is converted, as the gateway's distances are.
+    scale = worker.time_scale
     ratios = [
-        b["tpot_ms"] / (declared + (worker.tpot_ms_per_1k_kv or 0.0) * b["kv_tokens"] / 1000
+        b["tpot_ms"] * scale / (declared + (worker.tpot_ms_per_1k_kv or 0.0) * b["kv_tokens"] / 1000
                         + (worker.tpot_ms_per_seq or 0.0) * b["batch"])
         for b in measured["batches"] if b["tpot_ms"] is not None
     ]
@@ -264,8 +267,8 @@ def _verdict(worker: Worker, measured: dict[str, Any], settings: ProbeSettings) 
         return passed
     slowdown = _median(ratios)
     if slowdown > settings.slow_factor:
-        reason = (f"decodes {slowdown:.1f}x slower than its declared GPU profile predicts ({measured['tpot_ms']:.2f} "
-                  f"ms/token measured, {declared:.2f} ms/token declared at an empty cache; limit {settings.slow_factor:g}x)")
+        reason = (f"decodes {slowdown:.1f}x slower than its declared GPU profile predicts ({measured['tpot_ms'] * scale:.2f} "
+                  f"ms/token measured{'' if scale == 1 else ' in simulated time'}, {declared:.2f} ms/token declared at an empty cache; limit {settings.slow_factor:g}x)")
         return {"status": FLAGGED, "reason": reason, "slowdown": round(slowdown, 2)}
     return {**passed, "slowdown": round(slowdown, 2)}
 

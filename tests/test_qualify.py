@@ -146,6 +146,17 @@ def test_worker_is_ready_only_after_qualification(gateway_server):
     assert r.status_code == 200, r.text
 
 
+def test_an_engine_slowed_below_real_time_is_judged_in_simulated_time(gateway_server):
+    """A simulated engine at a quarter of real speed (as benchmarks run them) decodes 4x
+    slower by the wall clock than its GPU profile says, and exactly as fast in simulated
+    time: it qualifies."""
+    gw = gateway_server
+    gw.start_sim_worker("dc-a", time_scale=0.25)
+    gw.wait_ready(1)
+    q = gw.workers()[0]["qualification"]
+    assert q["status"] == "passed" and 0.5 < q["slowdown"] < 2, q
+
+
 def test_first_ready_heartbeat_is_held_in_starting(gateway_server, sim_engine):
     gw = gateway_server
     url, _ = sim_engine
