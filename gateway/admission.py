@@ -17,25 +17,39 @@ from redis.asyncio import Redis
 
 from gateway import keys
 
-# score = priority * _CLASS + fair_round * _ROUND + arrival seconds (since 2020)
+# score = priority * _CLASS + fair_round * _ROUND + arrival seconds (since 2020). A
+# round outweighs any gap between arrivals still waiting (entries are dropped a few
+# seconds past their queue timeout), and a million rounds stay far below a class.
 _CLASS = 1e15
-_ROUND = 1e10
+_ROUND = 1e4
 _EPOCH = 1_577_836_800.0
 
 ENQUEUE = """
 -- KEYS: queue zset, owners hash, depth hash
 -- ARGV: request_id, priority, api_key, model|center, deadline (s)
+-- An owner entry is "model|center deadline round api_key".
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
--- fairness: how many requests of this key are already waiting
-local round = 0
+-- Fairness: a key's next request goes one round after its last one still waiting
+-- (FIFO within a key), and a key with none waiting joins the round now at the
+-- head, so it ranks with the other keys' next requests rather than behind them.
+local round = -1
 local owners = redis.call('HGETALL', KEYS[2])
 for i = 1, #owners, 2 do
-  if string.match(owners[i + 1], '^[^ ]+ [^ ]+ (.*)$') == ARGV[3] then round = round + 1 end
+  local r, key = string.match(owners[i + 1], '^[^ ]+ [^ ]+ ([^ ]+) (.*)$')
+  if key == ARGV[3] and tonumber(r) >= round then round = tonumber(r) + 1 end
 end
-local score = tonumber(ARGV[2]) * 1e15 + round * 1e10 + (now - 1577836800)
+if round < 0 then
+  round = 0
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if head[1] then
+    local owner = redis.call('HGET', KEYS[2], head[1])
+    if owner then round = tonumber(string.match(owner, '^[^ ]+ [^ ]+ ([^ ]+) ') or '0') or 0 end
+  end
+end
+local score = tonumber(ARGV[2]) * """ + repr(_CLASS) + """ + round * """ + repr(_ROUND) + """ + (now - """ + repr(_EPOCH) + """)
 redis.call('ZADD', KEYS[1], score, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. (now + tonumber(ARGV[5])) .. ' ' .. ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. (now + tonumber(ARGV[5])) .. ' ' .. round .. ' ' .. ARGV[3])
 redis.call('HINCRBY', KEYS[3], ARGV[4], 1)
 return redis.call('ZRANK', KEYS[1], ARGV[1])
 """

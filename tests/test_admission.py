@@ -149,3 +149,53 @@ def test_three_gateways_never_over_reserve(redis_url, tmp_path):
 def _engine_metrics(engine_url: str) -> str:
     """Engines' completion routes need the gateway-held API key; /metrics is open, as on vLLM."""
     return httpx.get(engine_url + "/metrics", timeout=5).text
+
+
+def test_queue_order_is_priority_then_fair_across_keys_then_arrival(redis_url):
+    """The shared line itself (real Redis): FIFO within a key however the line grows
+    and shrinks, each key's n-th waiting request beside the other keys' n-th, and a
+    lower `priority` value ahead of everything else."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from gateway import keys
+    from gateway.admission import AdmissionQueue
+
+    async def scenario() -> list[list[str]]:
+        redis = aioredis.Redis.from_url(redis_url)
+        queue = AdmissionQueue(redis)
+        model = "order-test"
+
+        async def join(request_id: str, key: str, priority: int = 0) -> None:
+            await queue.enqueue(model, request_id, priority=priority, api_key=key, center="dc-a", timeout_s=30)
+
+        async def line() -> list[str]:
+            return [m.decode() for m in await redis.zrange(keys.queue(model), 0, -1)]
+
+        seen = []
+        # One busy key: five wait, four are served, then more arrive. The one left
+        # from the long line must stay ahead of the newcomers (it did not: its turn
+        # was the count of its key's waiting requests when it joined).
+        for i in range(5):
+            await join(f"a{i}", "key-a")
+        for i in range(4):
+            await queue.leave(model, f"a{i}")
+        for i in range(5, 8):
+            await join(f"a{i}", "key-a")
+        seen.append(await line())
+        # Another key joins behind a's backlog: its first request goes right after
+        # a's current head, its second beside a's next.
+        await join("b0", "key-b")
+        await join("b1", "key-b")
+        seen.append(await line())
+        # A more urgent request (vLLM's convention: lower value first) goes first.
+        await join("urgent", "key-c", priority=-1)
+        seen.append(await line())
+        await redis.aclose()
+        return seen
+
+    fifo, fair, urgent = asyncio.run(scenario())
+    assert fifo == ["a4", "a5", "a6", "a7"]
+    assert fair == ["a4", "b0", "a5", "b1", "a6", "a7"]
+    assert urgent[0] == "urgent" and urgent[1:] == fair
