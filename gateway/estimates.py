@@ -2,7 +2,10 @@
 
 - Per model: how long answers run (R1-style reasoning makes this thousands of
   tokens), so a request without `max_tokens` reserves what it will likely use
-  rather than a blind default.
+  rather than a blind default; and how many characters of prompt make a token
+  (with the chat template's own tokens), which differs by tokenizer and by
+  language (~4 for English BPE, ~1.5 for Chinese), so prompts are counted in
+  the engine's tokens without tokenizing them here.
 - Per worker: the time per output token measured on its own streams, which
   the SLO-aware policy uses where no profile predicts it.
 
@@ -44,13 +47,17 @@ class AnswerStats:
         self.alpha = alpha
         self._ewma = redis.register_script(EWMA)
         self._output_tokens: dict[str, float] = {}
+        self._chars_per_token: dict[str, float] = {}
         self._refreshed_at = 0.0
         # (hash key, field, only if the hash exists) -> [decay, add, first sample]: the samples
         # noted since the last flush, folded as they come (see EWMA)
         self._pending: dict[tuple[str, str, bool], list[float]] = {}
 
-    def observe(self, model: str, worker_id: str, completion_tokens: int, tpot_ms: float | None, finished: bool) -> None:
+    def observe(self, model: str, worker_id: str, completion_tokens: int, tpot_ms: float | None, finished: bool,
+                prompt_chars: int = 0, prompt_tokens: int | None = None) -> None:
         """Note one finished answer; Redis learns it at the next `flush`."""
+        if prompt_chars > 0 and prompt_tokens:
+            self._note((keys.MODEL_STATS, f"{model}:prompt_chars_per_token", False), prompt_chars / prompt_tokens)
         # Only answers that ran to their natural end say how long answers are.
         if finished and completion_tokens > 0:
             self._note((keys.MODEL_STATS, f"{model}:output_tokens", False), float(completion_tokens))
@@ -84,8 +91,16 @@ class AnswerStats:
         raw = await self.redis.hgetall(keys.MODEL_STATS)
         for field, value in raw.items():
             name = field.decode()
-            if name.endswith(":output_tokens"):
-                self._output_tokens[name.rsplit(":", 1)[0]] = float(value)
+            model, _, stat = name.rpartition(":")
+            if stat == "output_tokens":
+                self._output_tokens[model] = float(value)
+            elif stat == "prompt_chars_per_token":
+                self._chars_per_token[model] = float(value)
+
+    def prompt_tokens(self, model: str, prompt_chars: int) -> int:
+        """Tokens a prompt of that many characters makes on this model's engines
+        (4 characters a token until answers have said otherwise)."""
+        return int(prompt_chars / self._chars_per_token.get(model, 4.0)) + 1
 
     def expected_output_tokens(self, model: str, max_tokens: int | None, default: int) -> int:
         """Output tokens a reservation counts: the model's usual answer length,

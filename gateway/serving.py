@@ -127,8 +127,9 @@ async def start_unless_client_leaves(gw: Any, job: Job, hangup: asyncio.Future) 
 
 def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, tenant: dict[str, str]) -> RouteRequest:
     prompt = params.prompt_text()
-    # ~4 characters per token is close enough for reservations; the engine counts exactly.
-    prompt_tokens = len(params.prompt) if isinstance(getattr(params, "prompt", None), list) and all(isinstance(t, int) for t in params.prompt) else len(prompt) // 4 + 1
+    # Counted from characters, at the ratio the model's engines have shown (see
+    # AnswerStats.prompt_tokens): close enough for reservations; the engine counts exactly.
+    prompt_tokens = len(params.prompt) if _token_ids(params) else gw.stats.prompt_tokens(params.model, len(prompt))
     allowed = tuple(c for c in tenant.get("allowed_centers", "").split(",") if c)
     return RouteRequest(
         model=params.model,
@@ -139,6 +140,11 @@ def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, te
         allowed_centers=allowed,
         api_key_id=tenant.get("name", ""),
     )
+
+
+def _token_ids(params: ChatCompletionRequest | CompletionRequest) -> bool:
+    prompt = getattr(params, "prompt", None)
+    return isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -280,6 +286,8 @@ def account(gw: Any, job: Job, worker_id: str) -> None:
             tpot = (p.last_token_at - p.first_token_at) / (p.completion_tokens - 1)
             m.tpot.labels(job.model).observe(tpot)
     finished = p.finish_reason in ("stop", "length") and job.migrations == 0
-    gw.stats.observe(job.model, worker_id, p.completion_tokens, tpot * 1000 if tpot and finished else None, p.finish_reason == "stop")
+    gw.stats.observe(job.model, worker_id, p.completion_tokens, tpot * 1000 if tpot and finished else None, p.finish_reason == "stop",
+                     prompt_chars=0 if _token_ids(job.params) or job.migrations else len(job.params.prompt_text()),
+                     prompt_tokens=p.prompt_tokens)
     m.tokens.labels(job.model, "prompt").inc(p.prompt_tokens or 0)
     m.tokens.labels(job.model, "completion").inc(p.completion_tokens)
