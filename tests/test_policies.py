@@ -345,11 +345,20 @@ def holding(n: int, request: RouteRequest | None = None) -> dict:
 
 def test_slo_pack_fills_one_gpu_to_its_slo_before_touching_the_next():
     fleet = [make_worker(name, **SAME) for name in ("a", "b", "c")]
-    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 24)
+    picks = route_many(SloPack(tpot_slo_ms=60, fill_to=1.0), fleet, make_request(), 24)
     # 18 requests take "a" to 58.25 ms; the rest go to "b".
     assert picks == Counter({"a": 18, "b": 6})
     assert fleet[2].reserved_requests == 0  # a whole GPU left idle for training
     assert all(predicted_tpot_ms(w) <= 60 for w in fleet)
+
+
+def test_slo_pack_packs_to_a_margin_under_the_slo_by_default():
+    fleet = [make_worker(name, **SAME) for name in ("a", "b", "c")]
+    # A 50 ms SLO is packed to 45 ms: 11 requests (43.4 ms) per GPU, where the
+    # line itself would take 14 (49.75 ms).
+    assert route_many(SloPack(tpot_slo_ms=50), fleet, make_request(), 24) == Counter({"a": 11, "b": 11, "c": 2})
+    fleet = [make_worker(name, **SAME) for name in ("a", "b", "c")]
+    assert route_many(SloPack(tpot_slo_ms=50, fill_to=1.0), fleet, make_request(), 24) == Counter({"a": 14, "b": 10})
 
 
 def test_slo_pack_prefers_the_busiest_worker_that_still_meets_the_slo():
@@ -367,12 +376,12 @@ def test_slo_pack_spills_to_the_lowest_predicted_tpot_when_no_worker_meets_the_s
         make_worker("fast-busy", reserved_average_kv_tokens=170_000, reserved_requests=40, **FAST),  # 10 + 51.9 + 2.6 ms
         make_worker("measured", tpot_ms=80.0),
     ]
-    assert SloPack(tpot_slo_ms=60).choose(make_request(), fleet).id == "fast-busy"
+    assert SloPack(tpot_slo_ms=60, fill_to=1.0).choose(make_request(), fleet).id == "fast-busy"
 
 
 def test_slo_pack_packs_fast_gpus_deeper_than_slow_ones():
     fleet = [make_worker("h20", **SLOW), make_worker("h100", **FAST)]
-    picks = route_many(SloPack(tpot_slo_ms=60), fleet, make_request(), 60)
+    picks = route_many(SloPack(tpot_slo_ms=60, fill_to=1.0), fleet, make_request(), 60)
     # The H100 is empty-first (faster) and meets 60 ms up to 51 requests (0.9 + 0.0625 ms
     # each); the H20 (2.5x the cost per request: 1.8 + 0.625 ms) would only up to 14.
     assert picks == Counter({"h100": 51, "h20": 9})
@@ -402,7 +411,7 @@ R1 = make_request(prompt_tokens=120, max_output_tokens=4_000)  # a short questio
 def test_slo_pack_spills_from_an_h20_whose_batch_is_too_big_for_its_compute():
     h20, h20_perf = sim_profiled("h20", "h20", **holding(230, R1))
     h100, _ = sim_profiled("h100", "h100", **holding(100, R1))
-    policy = SloPack(tpot_slo_ms=60)
+    policy = SloPack(tpot_slo_ms=60, fill_to=1.0)
     # 231 R1 sequences hold little KV for an H20's cache, but its GEMMs make each step
     # take over 60 ms; the prediction sees it, and the request goes to the H100.
     assert h20_perf.step_seconds(231, 231 * R1.average_kv_tokens, 231) * 1000 > 60
@@ -417,7 +426,7 @@ def test_slo_pack_spills_from_an_h20_whose_batch_is_too_big_for_its_compute():
 
 def test_slo_pack_keeps_every_gpu_within_the_slo_its_engine_really_decodes_at():
     (h20, h20_perf), (h100, h100_perf) = sim_profiled("h20", "h20"), sim_profiled("h100", "h100")
-    picks = route_many(SloPack(tpot_slo_ms=60), [h20, h100], R1, 300)
+    picks = route_many(SloPack(tpot_slo_ms=60, fill_to=1.0), [h20, h100], R1, 300)
     # The H20 takes what its compute allows at 60 ms, the H100 the rest.
     assert 200 <= picks["h20"] <= 220 and picks["h100"] == 300 - picks["h20"], picks
     assert 55 < modeled_tpot_ms(h20_perf, h20) <= 60

@@ -31,20 +31,29 @@ from gateway.headroom import fill_fraction, predicted_tpot_ms
 from gateway.policies.least_load import least_loaded
 
 DEFAULT_TPOT_SLO_MS = 60.0
+# Pack to this share of the SLO, not to the SLO itself. The prediction is an
+# average: a GPU filled exactly to the line runs half its answers over it (a step
+# carrying a burst of arriving prompts, answers longer than expected), and a
+# margin keeps them under for the price of a few sequences per GPU. Measured at
+# batch 256 (benchmarks/results/policies-batch256/): packing to the line met the
+# SLO for 94% of requests, the H20 that took the spill-over running p50 57 ms.
+FILL_TO = 0.9
 
 
 class SloPack:
     name = "slo_pack"
 
-    def __init__(self, rng: random.Random | None = None, *, tpot_slo_ms: float = DEFAULT_TPOT_SLO_MS) -> None:
+    def __init__(self, rng: random.Random | None = None, *, tpot_slo_ms: float = DEFAULT_TPOT_SLO_MS,
+                 fill_to: float = FILL_TO) -> None:
         self._rng = rng or random.Random()
         self.tpot_slo_ms = tpot_slo_ms
+        self.line_ms = tpot_slo_ms * fill_to
 
     def choose(self, request: RouteRequest, candidates: Sequence[Worker]) -> Worker | None:
         if not candidates:
             return None
         predicted = {worker.id: predicted_tpot_ms(worker, request) for worker in candidates}
-        meeting = [w for w in candidates if predicted[w.id] is not None and predicted[w.id] <= self.tpot_slo_ms]
+        meeting = [w for w in candidates if predicted[w.id] is not None and predicted[w.id] <= self.line_ms]
         if meeting:
             local = [w for w in meeting if request.center and w.center == request.center]
             if local:
