@@ -234,7 +234,7 @@ def fleet_capacity(fleet: Fleet, requests: Sequence[BenchRequest], settings: Set
         per_gpu.append({"center": group.center, "count": group.count, **dataclasses.asdict(cap)})
         total += cap.tokens_per_s * group.count
     return {
-        "method": "modeled from the simulator's GPU/model profiles at the TPOT SLO (not a measured saturation run)",
+        "method": "modeled from the simulator's GPU/model profiles at the TPOT SLO, the prefill of arriving prompts included (not a measured saturation run)",
         "prompt_tokens_mean": prompt_mean,
         "output_tokens_mean": output_mean,
         "output_tokens_per_s": total,
@@ -725,10 +725,12 @@ def simulated_view(records: Sequence[RequestRecord], summary: dict, energy: dict
 
 
 def idle_gpus(energy: dict, engines: Sequence[Engine], ids: dict[str, str]) -> dict:
-    """GPUs that did no work in the steady window: their modeled power never left idle."""
+    """GPUs that did no work in the steady window: their modeled power never left idle.
+    Within 0.1% of idle, for the counters' rounding: one decode step in a window of a
+    few seconds lifts the average far more."""
     idle_w = {ids[e.url]: e.idle_w for e in engines}
     idle = [w["worker"] for w in energy.get("energy_by_worker", [])
-            if w.get("avg_power_w") is not None and w["avg_power_w"] <= idle_w.get(w["worker"], 0.0) + 0.01]
+            if w.get("avg_power_w") is not None and w["avg_power_w"] <= idle_w.get(w["worker"], 0.0) * 1.001]
     return {"count": len(idle), "of": len(engines), "workers": idle}
 
 
@@ -1034,6 +1036,10 @@ def readme(summary: dict, plots: Sequence[str], out: Path) -> str:
     groups = ", ".join(f"{g['count']}× {g['gpu'].upper()} in `{g['center']}` (+{fleet['rtt_ms_from_gateway'][g['center']]:g} ms)"
                        for g in fleet["groups"])
     lengths = s["output_lengths"]
+    prompts = f", median {R1_INPUT.median:g} words" if s.get("prompt_scale", 1) == 1 else (
+        f": R1's lengths scaled by {s['prompt_scale']:g}, i.e. the R1 instruction and a word or so")
+    if cap.get("prompt_tokens_mean"):
+        prompts += f", {cap['prompt_tokens_mean']:.0f} tokens on average as the simulated engines count them"
     lines = [
         "# Routing policies vs vllm-router on a simulated three-center fleet",
         "",
@@ -1047,9 +1053,7 @@ def readme(summary: dict, plots: Sequence[str], out: Path) -> str:
         "",
         f"- Fleet (`{s['fleet']}`): {groups}; gateway in `{fleet['gateway_center']}`; model `{fleet['model']}`; "
         f"max_num_seqs {s['max_num_seqs']}. Round trips are added to every engine response by the simulator.",
-        f"- Workload: R1-style (short math prompts, median {s.get('prompt_lengths', {}).get('median', R1_INPUT.median):g} tokens"
-        f"{'' if s.get('prompt_scale', 1) == 1 else ' (R1 scaled by ' + format(s['prompt_scale'], 'g') + ', the instruction kept whole)'}"
-        f"; long-tailed reasoning outputs) "
+        f"- Workload: R1-style (short math prompts{prompts}; long-tailed reasoning outputs) "
         f"with output lengths log-normal, median {lengths['median']:g}, σ {lengths['sigma']:g}, clipped to "
         f"[{lengths['low']}, {lengths['high']}] tokens: the bench's `r1` distribution scaled by {s['output_scale']:g}. "
         "Open-loop Poisson arrivals, `max_tokens` = drawn length with `ignore_eos`. Prompts are random text (no shared prefixes).",
