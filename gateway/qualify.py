@@ -257,7 +257,9 @@ def _verdict(worker: Worker, measured: dict[str, Any], settings: ProbeSettings) 
     # it held; the median over batches, so one stalled or one bursty batch does not decide.
     # A simulated engine slowed below real time declares its GPU's speed in simulated
     # time: the wall-clock measurement is converted, as the gateway's distances are.
-    scale = worker.time_scale
+    # One sped up is judged by the wall clock: converted, the relay's own ~0.3 ms per
+    # token would be magnified by the speed-up and read as a slow GPU.
+    scale = min(1.0, worker.time_scale)
     ratios = [
         b["tpot_ms"] * scale / (declared + (worker.tpot_ms_per_1k_kv or 0.0) * b["kv_tokens"] / 1000
                         + (worker.tpot_ms_per_seq or 0.0) * b["batch"])

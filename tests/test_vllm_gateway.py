@@ -115,12 +115,13 @@ def test_paused_vllm_worker_hands_its_streams_to_the_other(vllm_fleet):
             by_worker[attempt.worker.engine_url] = by_worker.get(attempt.worker.engine_url, 0) + 1
         assert by_worker, "no engine was streaming"
         busy = max(by_worker, key=by_worker.__getitem__)
-        r = httpx.post(busy + "/pause", params={"mode": "abort"})
+        # vLLM answers /pause once its engine has aborted and drained: seconds on 2 busy cores.
+        r = httpx.post(busy + "/pause", params={"mode": "abort"}, timeout=60)
         assert r.status_code == 200
         try:
             results = [f.result(timeout=180) for f in futures]
         finally:
-            httpx.post(busy + "/resume")
+            httpx.post(busy + "/resume", timeout=60)
     # Every answer ran its full length with no error: nothing lost, nothing doubled. (Text
     # identity is proven on the deterministic simulated engine in test_migration.py; the
     # tiny random-weight model's float32 CPU logits have near-ties that a different batch
