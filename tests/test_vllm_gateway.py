@@ -106,9 +106,15 @@ def test_paused_vllm_worker_hands_its_streams_to_the_other(vllm_fleet):
         # 1,500 tokens in about a second, and the clients (threads beside the in-process
         # gateway, on 2 cores the engines keep busy) may see them only late and in
         # bursts: the gateway's own open engine streams say when.
+        # Every request must have its engine stream before the pause: one placed on the
+        # paused engine afterwards would be held there, silent, until the gateway's idle
+        # timeout (its worker still reports ready: this test pauses vLLM behind the
+        # agent's back).
         streams = gw.inside.dispatcher.streams
+        opened: set = set()  # the Attempts themselves: held, so none is mistaken for another
         deadline = time.monotonic() + 120
-        while len(streams) < 2 and time.monotonic() < deadline:
+        while len(opened) < n and time.monotonic() < deadline:
+            opened.update(list(streams))
             time.sleep(0.001)
         by_worker: dict[str, int] = {}
         for attempt in list(streams):
