@@ -74,6 +74,7 @@ class RouteRequest:
     prompt_tokens: int  # estimated
     max_output_tokens: int  # expected output tokens the reservation counts
     prefix_key: str = ""  # text the prefix-affinity policy hashes
+    prompt_chars: int = 0  # the prompt's length in characters (0: given as token ids)
     center: str = ""  # the gateway's own center
     allowed_centers: tuple[str, ...] = ()  # empty = any
     api_key_id: str = ""

@@ -129,13 +129,15 @@ def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, te
     prompt = params.prompt_text()
     # Counted from characters, at the ratio the model's engines have shown (see
     # AnswerStats.prompt_tokens): close enough for reservations; the engine counts exactly.
-    prompt_tokens = len(params.prompt) if _token_ids(params) else gw.stats.prompt_tokens(params.model, len(prompt))
+    token_ids = _token_ids(params)
+    prompt_tokens = len(params.prompt) if token_ids else gw.stats.prompt_tokens(params.model, len(prompt))
     allowed = tuple(c for c in tenant.get("allowed_centers", "").split(",") if c)
     return RouteRequest(
         model=params.model,
         prompt_tokens=prompt_tokens,
         max_output_tokens=gw.stats.expected_output_tokens(params.model, params.output_limit, gw.config.default_output_tokens),
         prefix_key=prompt[:2048],
+        prompt_chars=0 if token_ids else len(prompt),
         center=gw.config.center,
         allowed_centers=allowed,
         api_key_id=tenant.get("name", ""),
@@ -287,7 +289,7 @@ def account(gw: Any, job: Job, worker_id: str) -> None:
             m.tpot.labels(job.model).observe(tpot)
     finished = p.finish_reason in ("stop", "length") and job.migrations == 0
     gw.stats.observe(job.model, worker_id, p.completion_tokens, tpot * 1000 if tpot and finished else None, p.finish_reason == "stop",
-                     prompt_chars=0 if _token_ids(job.params) or job.migrations else len(job.params.prompt_text()),
+                     prompt_chars=0 if job.migrations else job.route.prompt_chars,
                      prompt_tokens=p.prompt_tokens)
     m.tokens.labels(job.model, "prompt").inc(p.prompt_tokens or 0)
     m.tokens.labels(job.model, "completion").inc(p.completion_tokens)
