@@ -3,8 +3,9 @@
 When a worker first reports `ready`, the gateway keeps it in `starting` and
 probes its engine directly (with the engine's own API key, which only gateways
 hold): a warm-up completion, then batches of 1, 4 and 8 concurrent short
-completions with `ignore_eos` and a fixed `max_tokens`. Each batch gives time
-to first token, time per output token and throughput. A worker whose engine
+completions with `ignore_eos` and a fixed `max_tokens`, each batch run twice
+and the faster run kept (a busy host only ever adds time). Each batch gives
+time to first token, time per output token and throughput. A worker whose engine
 does not answer properly, or decodes far slower than the GPU profile it
 declared, is flagged: it stays in `starting` until an operator clears it
 (`idlegrid admin clear WORKER`). Otherwise it becomes `ready`, and its
@@ -52,6 +53,7 @@ LOCK_TTL_S = 10.0  # a dead gateway's probe is taken over this long after it die
 class ProbeSettings:
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     max_tokens: int = 32
+    repeats: int = 2  # runs of each batch size; the fastest is kept
     timeout_s: float = 60.0  # the whole probe; a hung engine is flagged after this
     slow_factor: float = 3.0  # flag when measured TPOT > slow_factor × declared tpot_base_ms
 
@@ -63,6 +65,7 @@ class ProbeSettings:
         return cls(
             batch_sizes=tuple(int(b) for b in sizes) or default.batch_sizes,
             max_tokens=int(getattr(config, "qualify_max_tokens", default.max_tokens)),
+            repeats=max(1, int(getattr(config, "qualify_repeats", default.repeats))),
             timeout_s=float(getattr(config, "qualify_timeout_s", default.timeout_s)),
             slow_factor=float(getattr(config, "qualify_slow_factor", default.slow_factor)),
         )
@@ -225,11 +228,18 @@ async def _measure(client: httpx.AsyncClient, worker: Worker, settings: ProbeSet
     tpots: list[float] = []
     points: list[tuple[float, float]] = []
     for size in settings.batch_sizes:
-        summary, streams = await _batch(client, worker, size, settings.max_tokens)
+        runs = []
+        for _ in range(settings.repeats):
+            summary, streams = await _batch(client, worker, size, settings.max_tokens)
+            tpots += [s.tpot_s for s in streams if s.tpot_s is not None]
+            # Over the decode, each stream holds its prompt plus half its answer on average.
+            summary["kv_tokens"] = round(sum(s.prompt_tokens + s.tokens / 2 for s in streams))
+            runs.append(summary)
+        # A stall on a shared host (another process on the core, a GC pause in the
+        # reader) only ever adds time, so the fastest run is the engine's own speed;
+        # on a 2-core host one slow run of 8 streams read 1.5x the per-sequence cost.
+        summary = min(runs, key=lambda b: b["tpot_ms"] if b["tpot_ms"] is not None else float("inf"))
         batches.append(summary)
-        tpots += [s.tpot_s for s in streams if s.tpot_s is not None]
-        # Over the decode, each stream holds its prompt plus half its answer on average.
-        summary["kv_tokens"] = round(sum(s.prompt_tokens + s.tokens / 2 for s in streams))
         if summary["tpot_ms"] is not None:
             points.append((size, summary["tpot_ms"]))
     out: dict[str, Any] = {
@@ -240,6 +250,7 @@ async def _measure(client: httpx.AsyncClient, worker: Worker, settings: ProbeSet
         "tokens_per_s": max(b["tokens_per_s"] for b in batches),
         "batches": batches,
         "max_tokens": settings.max_tokens,
+        "repeats": settings.repeats,
     }
     if points:
         base, per_seq = fit_speed(points)

@@ -26,6 +26,7 @@ from workers.sim.profiles import PerfModel, get_gpu, get_model
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 ENGINE_KEY = "eng-test-key"
+PROBE_REQUESTS = 1 + 2 * (1 + 4 + 8)  # the default probe: a warm-up, then two runs of batches 1, 4, 8
 
 
 class RawWorker:
@@ -164,8 +165,8 @@ def test_first_ready_heartbeat_is_held_in_starting(gateway_server, sim_engine):
     before = finished_requests(url)
     assert worker.beat() == "starting"
     wait_for_worker(gw, worker.id, lambda w: w["state"] == "ready", 10)
-    # 1 warm-up + 1 + 4 + 8 probe completions went straight to the engine, with its key.
-    assert finished_requests(url) - before == 14
+    # 1 warm-up, then batches of 1, 4 and 8 run twice each, went straight to the engine, with its key.
+    assert finished_requests(url) - before == PROBE_REQUESTS
 
     record = next(w for w in gw.workers() if w["id"] == worker.id)
     q = record["qualification"]
@@ -245,7 +246,7 @@ def test_only_one_gateway_probes_a_worker(redis_url, sim_engine):
         for t in threads:
             t.join()
         wait_for_worker(gateways[1], worker.id, lambda w: w["state"] == "ready", 10)
-        assert finished_requests(url) - before == 14  # one probe, not two
+        assert finished_requests(url) - before == PROBE_REQUESTS  # one probe, not two
     finally:
         for server in servers:
             server.stop()
