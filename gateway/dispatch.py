@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator
 
 import anyio
 
@@ -69,6 +69,7 @@ class Job:
     excluded: set[str] = field(default_factory=set)  # workers that failed this request
     migrations: int = 0
     early_refused: bool = False  # an early start's reservation was refused: reserve first from now on
+    answered_by: str | None = None  # the worker whose answer reached the client first
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -113,12 +114,16 @@ class Job:
 
 
 class Attempt:
-    """One engine stream serving (part of) a job, holding a reservation."""
+    """One engine stream serving (part of) a job, holding a reservation, or with
+    one on its way (`reserving`: see EARLY_START_BELOW and Dispatcher.confirm)."""
 
-    def __init__(self, worker: Worker, response: EngineStream, resumed: bool, job: Job, watched: set["Attempt"]):
+    def __init__(self, worker: Worker, response: EngineStream, resumed: bool, job: Job, watched: set["Attempt"],
+                 reserving: asyncio.Future | None = None):
         self.worker = worker
         self.response = response
         self.resumed = resumed
+        self.reserving = reserving  # the Reservation on its way; None once it is made
+        self.held = reserving is None  # room is reserved for it (and must be released)
         self._watched = watched  # the dispatcher's open streams, which its watchdog looks at
         watched.add(self)
         self.from_chat = not resumed and job.kind == "chat"  # else the engine speaks completions
@@ -174,11 +179,15 @@ FAST_PATH_TRIES = 3
 # An engine stream silent this long gets its worker looked at (see Dispatcher._watch_streams).
 STREAM_SILENCE_S = 2.0
 # A worker at most this full (sequences and KV, in the fleet view) is asked to start
-# a request while the request's reservation is still on its way to Redis. That far
-# below its line the reservation all but always succeeds (it would take a burst
-# from other gateways filling half the worker within one view refresh), and the
-# request's time to first token loses the Redis round trip. Nearer the line, room
-# is reserved first and the engine asked after.
+# a request while the request's reservation is still on its way to Redis, and the
+# reservation is confirmed just before the answer's first byte leaves for the
+# client (Dispatcher.confirm). That far below its line the reservation all but
+# always succeeds (it would take a burst from other gateways filling half the
+# worker within one view refresh, or requests starting to queue), and the
+# request's time to first token loses the Redis round trip: the engine's work
+# and the gateway's own (response headers, parsing the first chunk) overlap it.
+# When it is refused, the client has seen nothing yet: the request is placed
+# afresh. Nearer the line, room is reserved first and the engine asked after.
 EARLY_START_BELOW = 0.5
 
 
@@ -206,14 +215,10 @@ class Waiter:
 
 @dataclass
 class Placement:
-    """Where a request goes, and its reservation there: made, or on its way."""
+    """Where a request goes, with its room there reserved, or (`early`) still to reserve."""
 
     worker: Worker
-    reserving: asyncio.Future | None = None  # the Reservation on its way (None: made)
-
-
-class RoomRefused(Exception):
-    """An early-started request's reservation was refused: place it again."""
+    early: bool = False  # not reserved yet: the engine is asked, then Redis (see EARLY_START_BELOW)
 
 
 class Line:
@@ -316,18 +321,18 @@ class Dispatcher:
     async def place(self, job: Job) -> Placement:
         """Reserve room on a worker for `job`; wait in the admission queue while
         there is none, or others wait already, up to the queue timeout (then 429).
-        At a worker far below its line the reservation is left on its way (see
-        EARLY_START_BELOW) for `start` to confirm."""
+        At a worker far below its line the room is left to reserve after the
+        engine is asked (see EARLY_START_BELOW)."""
         policy = self.policies.get(job.policy_name) or self.policies[self.config.policy]
         for _ in range(FAST_PATH_TRIES):
             view = await self.snapshot()
             await self._check_servable(job, view)
             pool = self._pool(job.route, job.excluded, view)
-            choice = policy.choose(self._locate(job.route, view), pool) if pool else None
+            choice = policy.choose(self._locate(job.route, view, pool), pool) if pool else None
             if choice is None:
                 break
             if not job.early_refused and _far_below_line(choice, job.route):
-                return Placement(choice, asyncio.ensure_future(self._reserve(job, choice, unless_queued=True)))
+                return Placement(choice, early=True)
             reservation = await self._reserve(job, choice, unless_queued=True)
             if reservation.ok:
                 return Placement(choice)
@@ -417,7 +422,7 @@ class Dispatcher:
             if ahead - declined >= len(pool) or waiter.placed.done():
                 continue
             # Everyone ahead waits for home's slots before it, so they count in its wait there.
-            choice = waiter.policy.choose(self._locate(job.route, view, ahead), pool)
+            choice = waiter.policy.choose(self._locate(job.route, view, pool, ahead), pool)
             if choice is None:
                 declined += 1
                 continue
@@ -432,12 +437,12 @@ class Dispatcher:
             else:
                 waiter.placed.set_result(choice)
 
-    def _locate(self, route: RouteRequest, view: FleetView, ahead: int = 0) -> RouteRequest:
+    def _locate(self, route: RouteRequest, view: FleetView, pool: list[Worker], ahead: int = 0) -> RouteRequest:
         """Add what a policy weighs before sending `route` away from the gateway's
-        center: the round trip to each center, and the wait for room at home
-        behind the `ahead` requests queued before it."""
-        if not route.center:
-            return route
+        center to a worker in `pool`: the round trip to each center, and the wait
+        for room at home behind the `ahead` requests queued before it."""
+        if not route.center or all(w.center == route.center for w in pool):
+            return route  # nowhere else to go
         route.center_rtt_ms = self.distances.table({w.center for w in view.workers})
         allowed = set(route.allowed_centers)
         home = [
@@ -516,7 +521,8 @@ class Dispatcher:
             self.unreleased.discard((worker_id, request_id))
 
     async def start(self, job: Job, *, resume: bool = False) -> Attempt:
-        """Place `job` and open its engine stream, trying other workers on failure."""
+        """Place `job` and open its engine stream, trying other workers on failure.
+        The attempt's reservation may still be on its way (`confirm` settles it)."""
         last: EngineFailed | None = None
         failures = 0
         while failures < self.config.max_attempts:
@@ -527,54 +533,72 @@ class Dispatcher:
                     raise
                 break  # no other worker to try: report the engine failure itself
             worker = placement.worker
+            reserving: asyncio.Future | None = None
+            if placement.early:
+                # Its first step runs once the engine's request below is written: Redis
+                # (often on this same core) makes the reservation while the engine
+                # works, and nothing waits on it until `confirm`.
+                reserving = asyncio.ensure_future(self._reserve(job, worker, unless_queued=True))
             try:
-                response = await self._open(job, worker, resume, placement.reserving)
-            except RoomRefused:
-                continue  # the engine was not at fault: place the request again
-            except EngineFailed as failure:
-                last = failure
+                response = await self._ask_engine(job, worker, resume)
+            except BaseException as exc:
+                # The engine failed, refused, or the client left: neither its work nor the room is kept.
+                with anyio.CancelScope(shield=True):
+                    await self._settle(job, worker, reserving, held=reserving is None)
+                if not isinstance(exc, EngineFailed):
+                    raise
+                last = exc
                 failures += 1
                 await self.worker_failed(job, worker)
-                self.metrics.retries.labels(failure.reason.split(" ")[-1]).inc()
+                self.metrics.retries.labels(exc.reason.split(" ")[-1]).inc()
                 continue
-            attempt = Attempt(worker, response, resume, job, self.streams)
+            attempt = Attempt(worker, response, resume, job, self.streams, reserving)
             if self._stream_watch is None:
                 self._stream_watch = asyncio.create_task(self._watch_streams())
             return attempt
         assert last is not None
         raise APIError(last.status, f"engines failed before answering: {last.reason}", code="engine_failed")
 
-    async def _open(self, job: Job, worker: Worker, resume: bool, reserving: asyncio.Future | None) -> EngineStream:
-        """The engine's stream for `job` on `worker`, asked for while `reserving`
-        (if given) is on its way; the room goes back on any failure (RoomRefused
-        if the reservation was refused, EngineFailed, APIError, or cancellation)."""
-        asking: Awaitable[EngineStream] = self._ask_engine(job, worker, resume)
-        if reserving is not None:
-            asking = asyncio.ensure_future(asking)  # the engine is asked while Redis answers
-            try:
-                # Shielded: a client that leaves now must not cut the call short, or
-                # room Redis did reserve would stay taken until its lease ran out.
-                reservation: Reservation = await asyncio.shield(reserving)
-            except BaseException:  # Redis away, or the client left: neither the room nor the engine's work is kept
-                with anyio.CancelScope(shield=True):
-                    await _hang_up(asking)
-                    with contextlib.suppress(Exception):
-                        if (await reserving).ok:
-                            await self.release(job, worker)
-                raise
-            if not reservation.ok:
-                job.early_refused = True  # from now on, room first
-                with anyio.CancelScope(shield=True):
-                    await _hang_up(asking)
-                if reservation.reason != "queued":
-                    await self.refresh()  # another gateway took that room: look again, freshly
-                raise RoomRefused(reservation.reason)
+    async def confirm(self, job: Job, attempt: Attempt) -> Attempt:
+        """`attempt` once its reservation is made; called before the first byte of
+        its answer leaves for the client. If Redis refused the room, the engine is
+        hung up on and the request placed afresh (room first from now on): the
+        attempt that serves it. Redis unreachable: RedisError, nothing held."""
+        if attempt.reserving is None:
+            return attempt
         try:
-            return await asking
+            # Shielded: a client that leaves now must not cut the call short, or room
+            # Redis did reserve would stay taken until its lease ran out.
+            reservation: Reservation = await asyncio.shield(attempt.reserving)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self.release(job, worker)
+                await self.finish(job, attempt)
             raise
+        attempt.reserving = None
+        if reservation.ok:
+            attempt.held = True
+            return attempt
+        job.early_refused = True
+        await attempt.close()
+        if reservation.reason != "queued":
+            await self.refresh()  # another gateway took that room: look again, freshly
+        return await self.start(job, resume=attempt.resumed)
+
+    async def finish(self, job: Job, attempt: Attempt) -> None:
+        """Hang up on the engine (which aborts its work if it is not done) and give
+        the attempt's room back, once its reservation, if still on its way, lands."""
+        await attempt.close()
+        reserving, attempt.reserving = attempt.reserving, None
+        held, attempt.held = attempt.held, False
+        await self._settle(job, attempt.worker, reserving, held)
+
+    async def _settle(self, job: Job, worker: Worker, reserving: asyncio.Future | None, held: bool) -> None:
+        """Release the room `job` holds on `worker`, or that `reserving` makes."""
+        if reserving is not None:
+            with contextlib.suppress(Exception):  # Redis away: nothing was reserved that we know of
+                held = (await reserving).ok
+        if held:
+            await self.release(job, worker)
 
     async def _ask_engine(self, job: Job, worker: Worker, resume: bool) -> EngineStream:
         """Open the engine's stream: EngineFailed if the engine is at fault (another
@@ -651,16 +675,6 @@ def _far_below_line(worker: Worker, route: RouteRequest) -> bool:
         return False
     capacity = worker.kv_capacity_tokens
     return capacity <= 0 or worker.reserved_tokens + route.reserved_tokens <= EARLY_START_BELOW * capacity
-
-
-async def _hang_up(asking: asyncio.Future) -> None:
-    """Stop asking an engine; close the stream if it had already answered."""
-    asking.cancel()
-    try:
-        stream = await asking
-    except BaseException:  # noqa: BLE001 - cancelled, or the engine failed: nothing is open
-        return
-    stream.close()
 
 
 def _unservable(model: str, excluded: set[str] | frozenset[str], workers: list[Worker]) -> APIError | None:

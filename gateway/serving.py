@@ -83,44 +83,60 @@ async def serve(request: Request, kind: str) -> Response:
         gw.metrics.requests.labels(kind, "499").inc()
         return Response(status_code=499, headers=headers)
     gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
-    headers["X-Idlegrid-Worker"] = attempt.worker.id  # lets benchmarks attribute tokens per worker
     if params.stream:
         # The answer is read ahead of the client, and chunks that are ready together
-        # go out in one write (see relay.EventStreamResponse).
+        # go out in one write (see relay.EventStreamResponse). Its status and headers
+        # go with the first chunk: until then the request may still be refused (see
+        # Dispatcher.confirm), and the client gets the error's own status.
+        def name_worker() -> None:
+            headers["X-Idlegrid-Worker"] = _answered_by(job, attempt)
+
         return EventStreamResponse(stream_answer(gw, job, attempt), hangup=hangup, headers=headers,
-                                   max_pending_bytes=CLIENT_BUFFER_BYTES)
+                                   max_pending_bytes=CLIENT_BUFFER_BYTES, before_start=name_worker)
     return await collect_answer(gw, job, attempt, hangup, headers)
 
 
 def refusal(gw: Any, kind: str, exc: APIError | RedisError, headers: dict[str, str]) -> Response:
     """The error response for a request the gateway cannot serve (Redis away: 503)."""
+    return refused(gw, kind, exc, headers).response()
+
+
+def refused(gw: Any, kind: str, exc: APIError | RedisError, headers: dict[str, str]) -> APIError:
+    """The error for a request the gateway cannot serve, counted, with `headers`."""
     if isinstance(exc, RedisError):
         exc = APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"})
     gw.metrics.requests.labels(kind, str(exc.status)).inc()
     exc.headers.update(headers)
-    return exc.response()
+    return exc
 
 
 async def start_unless_client_leaves(gw: Any, job: Job, hangup: asyncio.Future) -> Attempt | None:
     """Place the job and open its engine stream; None if the client hangs up first
-    (a client waiting in the admission queue that hangs up leaves the queue)."""
-    start = asyncio.ensure_future(gw.dispatcher.start(job))
+    (a client waiting in the admission queue that hangs up leaves the queue).
+
+    Runs in the request's own task, which a hang-up cancels: a task of its own
+    would cost every request a turn of the event loop before the engine is asked."""
+    task = asyncio.current_task()
+    assert task is not None
+    placing = True
 
     def stop(_: asyncio.Future) -> None:
-        start.cancel()
+        if placing:  # a callback that comes after we are done must not cancel what follows
+            task.cancel()
 
     hangup.add_done_callback(stop)
     try:
-        attempt = await start
+        attempt = await gw.dispatcher.start(job)
     except asyncio.CancelledError:
         if not hangup.done():
             raise  # we are cancelled ourselves: the server is stopping
+        task.uncancel()
         return None
     finally:
+        placing = False
         hangup.remove_done_callback(stop)
     if hangup.done():  # it won the race by a hair: give the room back
-        await attempt.close()
-        await gw.dispatcher.release(job, attempt.worker)
+        await gw.dispatcher.finish(job, attempt)
         return None
     return attempt
 
@@ -172,16 +188,26 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[li
     """Every piece of the answer, resuming on another engine if one fails; the
     pieces that arrived together come together.
 
-    Releases the reservation it holds as soon as the engine's stream ends (its
-    consumer reads ahead of the client: see CLIENT_BUFFER_BYTES), and at once
-    when the client goes away (the generator is closed, and closing the engine
-    stream aborts the work).
+    An attempt's first pieces wait for its reservation if that is still on its
+    way (see Dispatcher.confirm); refused, the request starts afresh elsewhere
+    before anything reached the client. Releases the reservation it holds as
+    soon as the engine's stream ends (its consumer reads ahead of the client:
+    see CLIENT_BUFFER_BYTES), and at once when the client goes away (the
+    generator is closed, and closing the engine stream aborts the work).
     """
     progress = job.progress
     try:
         while True:
             try:
-                async for pieces in attempt.pieces(progress):
+                engine_pieces = attempt.pieces(progress)
+                async for pieces in engine_pieces:
+                    if attempt.reserving is not None:
+                        confirmed = await _confirm(gw, job, attempt)
+                        if confirmed is not attempt:  # refused and placed again: start over there
+                            await engine_pieces.aclose()
+                            attempt = confirmed
+                            break
+                    job.answered_by = job.answered_by or attempt.worker.id
                     now = time.monotonic()
                     for i, piece in enumerate(pieces):
                         if piece.finish_reason == "abort":
@@ -194,12 +220,12 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[li
                             raise EngineFailed("engine aborted the request")
                         progress.record(piece, now)
                     yield pieces
-                if progress.finish_reason is None:
-                    raise EngineFailed("engine stream ended without finishing")
-                return
+                else:  # the engine's stream ended
+                    if progress.finish_reason is None:
+                        raise EngineFailed("engine stream ended without finishing")
+                    return
             except EngineFailed as failure:
-                await attempt.close()
-                await gw.dispatcher.release(job, attempt.worker)
+                await gw.dispatcher.finish(job, attempt)
                 await gw.dispatcher.worker_failed(job, attempt.worker)
                 blocker = job.resume_blocker() if progress.completion_tokens or progress.tokens_untracked else None
                 if blocker or job.migrations >= MAX_MIGRATIONS:
@@ -215,14 +241,23 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[li
         # Shielded: when the client disconnects we are being cancelled, and these
         # awaits are what abort the engine's work and free the slot.
         with anyio.CancelScope(shield=True):
-            await attempt.close()
-            await gw.dispatcher.release(job, attempt.worker)
+            await gw.dispatcher.finish(job, attempt)
         account(gw, job, attempt.worker.id)
+
+
+async def _confirm(gw: Any, job: Job, attempt: Attempt) -> Attempt:
+    try:
+        return await gw.dispatcher.confirm(job, attempt)
+    except (APIError, RedisError) as exc:
+        if job.answered_by is None:
+            raise  # the client has seen nothing: it gets this error's status
+        message = exc.message if isinstance(exc, APIError) else "fleet state is unavailable"
+        raise CannotResume(f"worker failed mid-answer and no other could continue: {message}") from None
 
 
 async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[bytes]:
     client = job.client
-    status = "200"
+    status: str | None = "200"
     first = True
     try:
         async for pieces in answer_pieces(gw, job, attempt):
@@ -235,9 +270,23 @@ async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[by
     except CannotResume as exc:
         status = "502"
         yield client.error_event(str(exc), "engine_failed")
+    except (APIError, RedisError) as exc:
+        if not first:  # (answer_pieces says CannotResume once the answer has begun)
+            raise
+        # Refused before the first chunk: the response has not started, and the
+        # app's error handler answers with the error's own status.
+        status = None
+        raise refused(gw, job.kind, exc, {"X-Request-Id": job.request_id}) from None
     finally:
-        gw.metrics.requests.labels(job.kind, status).inc()
+        if status is not None:
+            gw.metrics.requests.labels(job.kind, status).inc()
     yield client.DONE
+
+
+def _answered_by(job: Job, attempt: Attempt) -> str:
+    """For the X-Idlegrid-Worker header, which lets benchmarks attribute tokens per
+    worker: the worker that started the answer (one that took it over midway is not named)."""
+    return job.answered_by or attempt.worker.id
 
 
 async def collect_answer(gw: Any, job: Job, attempt: Attempt, hangup: asyncio.Future, headers: dict[str, str]) -> Response:
@@ -263,9 +312,12 @@ async def collect_answer(gw: Any, job: Job, attempt: Attempt, hangup: asyncio.Fu
     except CannotResume as exc:
         gw.metrics.requests.labels(job.kind, "502").inc()
         return APIError(502, str(exc), code="engine_failed", headers=headers).response()
+    except (APIError, RedisError) as exc:  # refused before any answer (see Dispatcher.confirm)
+        return refusal(gw, job.kind, exc, headers)
     finally:
         hangup.cancel()
     gw.metrics.requests.labels(job.kind, "200").inc()
+    headers["X-Idlegrid-Worker"] = _answered_by(job, attempt)
     return JSONResponse(collector.response(job.progress), headers=headers)
 
 

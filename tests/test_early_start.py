@@ -1,8 +1,11 @@
 """Early starts: at a worker far below its line, the engine is asked while the
-request's reservation is still on its way to Redis. When that reservation is
-refused after all (another gateway filled the worker in the meantime), the
-engine's work is hung up at once and the request goes where there is room,
-with nothing left behind on either side. Real Redis, real simulated engines."""
+request's reservation is still on its way to Redis, and the reservation is
+confirmed before the answer's first byte leaves for the client. When it is
+refused after all (another gateway filled the worker in the meantime, or
+requests started queueing), the engine's work is hung up at once and the
+request goes where there is room, with nothing left behind on either side, and
+the client sees only that: an answer, or the refusal's own status code. Real
+Redis, real simulated engines, a real gateway over HTTP."""
 
 from __future__ import annotations
 
@@ -11,6 +14,9 @@ import time
 
 import redis.asyncio as aioredis
 
+import httpx
+
+from gateway.admission import AdmissionQueue
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Job, _far_below_line
 from gateway.engine_client import EngineClient
@@ -22,6 +28,7 @@ from gateway.relay import ClientStream
 from gateway.schemas import CompletionRequest, parse_body
 from workers.sim.engine import SimConfig, SimEngine
 from workers.sim.server import EnginesInThread
+from tests.conftest import start_gateway
 
 MODEL = "deepseek-r1-distill-qwen-1.5b"
 
@@ -63,10 +70,11 @@ def test_an_early_start_whose_room_was_taken_hangs_up_and_goes_where_there_is_ro
             await registry.register(b)
 
             job = job_for({"model": MODEL, "prompt": "hi", "max_tokens": 20, "stream": True}, "early-1")
-            attempt = await dispatcher.start(job)
+            early = await dispatcher.start(job)
+            assert early.worker.id == "a" and early.reserving is not None  # asked before Redis answered
+            attempt = await dispatcher.confirm(job, early)  # as the first chunk is about to go out
             body = b"".join([data async for data in attempt.response.chunks()])
-            await attempt.close()
-            await dispatcher.release(job, attempt.worker)
+            await dispatcher.finish(job, attempt)
             left_on_a = await registry.get("a")
             # Nothing of ours runs on `a`'s engine: it was hung up on (or never asked).
             deadline = time.monotonic() + 3
@@ -88,3 +96,54 @@ def test_an_early_start_whose_room_was_taken_hangs_up_and_goes_where_there_is_ro
         assert early_refused, "the request was started early on `a`, and its reservation there refused"
         assert served_by == "b"
         assert body.count(b"data: ") >= 20 and body.rstrip().endswith(b"data: [DONE]")
+
+
+def test_a_streamed_request_refused_after_its_early_start_gets_the_refusals_status(redis_url):
+    """A request waits at another gateway, which this gateway's fleet view cannot
+    show: the worker looks empty, the engine is asked early, and Redis refuses the
+    room (nobody passes a request in line). The streamed request then waits its
+    turn, and when its queue time runs out the client gets a plain 429, not a 200
+    whose stream carries an error; the engine is left with nothing of it."""
+    server, gw = start_gateway(redis_url, queue_timeout_s=1.0)
+    try:
+        gw.start_sim_worker("dc-a", time_scale=1.0)
+        worker = gw.wait_ready(1)[0]
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True}
+        with gw.client as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:  # warms the gateway's fleet view
+                assert r.status_code == 200 and r.headers["x-idlegrid-worker"] == worker["id"]
+                assert sum(1 for line in r.iter_lines() if line.startswith("data: ")) == 51
+
+            async def wait_elsewhere(action: str) -> None:
+                redis = aioredis.Redis.from_url(redis_url)
+                queue = AdmissionQueue(redis)
+                if action == "join":
+                    await queue.enqueue(MODEL, "at-another-gateway", priority=0, api_key="other", center="dc-a", timeout_s=30)
+                else:
+                    await queue.leave(MODEL, "at-another-gateway")
+                await redis.aclose()
+
+            asyncio.run(wait_elsewhere("join"))
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                refused = (r.status_code, r.headers.get("retry-after"), r.headers.get("x-idlegrid-worker"), r.read())
+            assert refused[:3] == (429, "2", None), refused
+            assert b'"code":"overloaded"' in refused[3].replace(b" ", b"")
+            deadline = time.monotonic() + 5
+            while (running := _running(worker["engine_url"])) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert running == 0, "the early-started work was hung up"
+
+            asyncio.run(wait_elsewhere("leave"))
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200 and r.headers["x-idlegrid-worker"] == worker["id"]
+                assert sum(1 for line in r.iter_lines() if line.startswith("data: ")) == 51
+        assert gw.workers()[0]["reserved_requests"] == 0
+    finally:
+        gw.stop_agents()
+        server.stop()
+
+
+def _running(engine_url: str) -> float:
+    """Requests the engine is running, from its vLLM-style /metrics."""
+    metrics = httpx.get(engine_url + "/metrics").raise_for_status().text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running"))
