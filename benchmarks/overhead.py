@@ -1025,9 +1025,11 @@ def readme(results: dict, out_dir: Path) -> str:
         "The probe engine (in `benchmarks/overhead.py`) speaks the same vLLM wire format and emits as fast as the reader "
         "takes chunks, so its rows are bounded by the router.",
         "- CPU µs per chunk is the most portable number: one process on a full core sustains about 10⁶ / that chunks/s.",
-        "- Added TTFT is the work a request meets on its way in (HTTP parsing, auth, validation, placement, the "
-        "Redis round trip of its atomic reservation, opening the engine stream, the first chunk's way back), done "
-        "on a core that was idle a moment before; vllm-router reserves nothing and runs compiled code.",
+        "- Added TTFT is the work a request meets on its way in (HTTP parsing, auth, validation, placement, opening "
+        "the engine stream, the first chunk's way back), done on a core that was idle a moment before. Its atomic "
+        "reservation in Redis is on that path only as CPU: at a worker far below its line it is made while the "
+        "engine works and confirmed before the first byte goes out (`EARLY_START_BELOW` in `gateway/dispatch.py`), "
+        "and Redis shares the gateway's core here. vllm-router reserves nothing and runs compiled code.",
         "- Raw samples: `samples.json`; every number above: `results.json`.",
     ]
     return "\n".join(lines) + "\n"
