@@ -30,6 +30,7 @@ from gateway.fleet import READY
 from gateway.fleet_file import Fleet, FleetFileError, WorkerGroup, load_fleet
 from gateway.policies import DEFAULT_POLICY, POLICIES
 from gateway.registry import Registry
+from gateway.serve import tune_gc
 
 DEFAULT_SIM_MODEL = "deepseek-r1-distill-qwen-1.5b"
 DEFAULT_VLLM_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -247,6 +248,7 @@ class Up:
 
 def run(args: argparse.Namespace) -> int:
     fleet = plan_fleet(args)
+    tune_gc()  # the gateway serves from this process
     try:  # the gateway runs in this process: give it the same C event loop `idlegrid gateway` gets
         import uvloop
     except ImportError:
