@@ -24,7 +24,7 @@ from gateway.admission import AdmissionQueue
 from gateway.config import GatewayConfig
 from gateway.engine_client import EngineClient, EngineError, EngineStream, EngineTimeout
 from gateway.errors import APIError
-from gateway.fleet import GONE, READY, SLEEPING, RouteRequest, Worker
+from gateway.fleet import GONE, READY, SLEEPING, STARTING, WAKING, RouteRequest, Worker
 from gateway.distance import CenterDistances
 from gateway.headroom import candidates, expected_wait_ms
 from gateway.metrics import GatewayMetrics
@@ -685,9 +685,21 @@ def _unservable(model: str, excluded: set[str] | frozenset[str], workers: list[W
         if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
             return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
         return APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
-    if not any(w.state == READY and w.id not in excluded for w in serving):
+    if not any((w.state == READY or _ready_soon(w)) and w.id not in excluded for w in serving):
         return APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
     return None
+
+
+def _ready_soon(worker: Worker) -> bool:
+    """Will be ready within seconds with nobody's say: waking from sleep, or held in
+    `starting` only while the gateway qualifies it (not flagged, not cordoned). A
+    request for it waits in the queue; one whose workers sleep, drain or are still
+    loading their model is told at once."""
+    if worker.state == WAKING:
+        return True
+    extra = worker.extra
+    return (worker.state == STARTING and extra.get("reported_state") == READY
+            and extra.get("flagged") != "1" and extra.get("cordoned") != "1")
 
 
 def _why_lost(worker: Worker | None) -> str | None:

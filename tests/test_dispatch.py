@@ -163,3 +163,28 @@ def test_reservation_ends_with_the_engine_not_with_a_slow_client(redis_url):
         slow_link.stop()
         gw.stop_agents()
         server.stop()
+
+
+def test_a_request_waits_for_a_worker_about_to_be_ready_and_hears_at_once_of_one_that_will_not_be():
+    """Whether a request with no ready worker waits in the queue (None) or is told 503:
+    it waits for a worker waking from sleep or being qualified, not for one asleep,
+    draining, flagged by its probe or still loading its model."""
+    from gateway.dispatch import _unservable
+    from gateway.fleet import Worker
+
+    def alone(state: str, **extra: str):
+        worker = Worker(id="w", center="dc-a", model=MODEL, engine_url="http://x", state=state, extra=extra)
+        error = _unservable(MODEL, set(), [worker])
+        return None if error is None else (error.status, error.code)
+
+    assert alone("ready") is None
+    assert alone("waking") is None
+    assert alone("starting", reported_state="ready") is None  # qualifying
+    refused = (503, "no_worker")
+    assert alone("sleeping") == refused
+    assert alone("draining") == refused
+    assert alone("starting", reported_state="ready", flagged="1") == refused
+    assert alone("starting", reported_state="ready", cordoned="1") == refused
+    assert alone("starting", reported_state="starting") == refused  # the engine is still loading
+    excluded = _unservable(MODEL, {"w"}, [Worker(id="w", center="dc-a", model=MODEL, engine_url="http://x", state="waking")])
+    assert (excluded.status, excluded.code) == refused  # it failed this request already

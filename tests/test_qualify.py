@@ -8,6 +8,7 @@ test declare a speed the engine does not have."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import re
 import subprocess
@@ -303,3 +304,24 @@ def test_real_vllm_worker_qualifies(gateway_server, vllm_engine):
         with gw.client as c:
             r = c.post("/v1/chat/completions", json={**CHAT, "model": model})
         assert r.status_code == 200, r.text
+
+
+def test_a_request_that_arrives_while_the_only_worker_qualifies_waits_for_it(redis_url, sim_engine):
+    """Held in `starting` for a second or two while it is probed, the worker will be
+    ready soon: a request arriving meanwhile waits in the queue and is served by it,
+    instead of hearing at once that no worker is ready."""
+    url, _ = sim_engine
+    server, gw = start_gateway(redis_url, queue_timeout_s=30.0)
+    try:
+        worker = RawWorker(gw.url, gw.enroll_token("dc-a"), url)
+        assert worker.beat() == "starting"  # its probe has begun
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, gw.url + "/v1/chat/completions", json=CHAT,
+                                 headers={"Authorization": f"Bearer {gw.api_key}"}, timeout=60)
+            with worker:  # heartbeats go on; the probe passes and the worker turns ready
+                r = answer.result(timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-idlegrid-worker"] == worker.id
+        assert next(w for w in gw.workers() if w["id"] == worker.id)["qualification"]["status"] == "passed"
+    finally:
+        server.stop()
