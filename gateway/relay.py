@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import msgspec
 from starlette.responses import Response
@@ -187,10 +187,9 @@ class EventStreamResponse(Response):
     stops early, the task is cancelled and its cleanup (closing the engine stream
     frees the GPU slot, releasing the reservation) runs on its own.
 
-    The status line and headers go out with the first chunk, after
-    `before_start()` had its say on `headers`: if `chunks` fails before its
-    first chunk, the exception goes up to the app's error handlers, and the
-    client gets an error response with its own status instead of a 200 stream.
+    `first`, the answer's first chunk, goes out with the status line: the
+    caller reads it from `chunks` itself, so that a request refused before its
+    answer begins gets an error response with a status of its own.
 
     Starlette's StreamingResponse would do, but with an anyio task group and a
     listener task per response, which cost a noticeable share of a short
@@ -200,13 +199,12 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, chunks: AsyncIterator[bytes], *, hangup: asyncio.Future, headers: dict[str, str] | None = None,
-                 max_pending_bytes: int = 1 << 16, before_start: Callable[[], None] | None = None):
+                 max_pending_bytes: int = 1 << 16, first: bytes = b""):
         self.status_code = 200
         self.background = None
-        self._headers = headers
-        self._before_start = before_start
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self.init_headers(headers)
+        self._pending: list[bytes] = [first] if first else []
+        self._pending_bytes = len(first)
         self._ready = asyncio.Event()  # pending has something, or the producer ended
         self._room = asyncio.Event()  # the client took what was pending
         self._room.set()
@@ -237,29 +235,18 @@ class EventStreamResponse(Response):
             producer.add_done_callback(_forget)
         self._ready.set()
 
-    async def _start(self, send: Any) -> None:
-        if self._before_start is not None:
-            self._before_start()
-        self.init_headers(self._headers)
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        started = False
         try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             while not self._hangup.done():
                 if self._pending:
-                    if not started:
-                        await self._start(send)
-                        started = True
                     batch = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
                     self._pending.clear()
                     self._pending_bytes = 0
                     self._room.set()
                     await send({"type": "http.response.body", "body": batch, "more_body": True})
                 elif self._producer.done():
-                    self._producer.result()  # re-raises what ended the producer: unstarted, an error response
-                    if not started:
-                        await self._start(send)
+                    self._producer.result()  # re-raises what ended the producer, if anything did
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
                 else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import anyio
 from redis.exceptions import RedisError
@@ -36,6 +36,7 @@ MAX_MIGRATIONS = 3
 # client that stops reading holds at most this much here (~4,000 chunks).
 CLIENT_BUFFER_BYTES = 1 << 20
 _MODELS = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+T = TypeVar("T")
 
 
 async def chat_completions(request: Request) -> Response:
@@ -72,73 +73,75 @@ async def serve(request: Request, kind: str) -> Response:
     # Done when the client hangs up; the body is read, so nothing else is left to receive.
     hangup = asyncio.ensure_future(_client_gone(request))
     try:
-        attempt = await start_unless_client_leaves(gw, job, hangup)
+        attempt = await unless_client_leaves(hangup, gw.dispatcher.start(job))
+        if hangup.done():  # it won the race by a hair: give the room back
+            await gw.dispatcher.finish(job, attempt)
+            raise ClientLeft
+        gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
+        if not params.stream:
+            return await collect_answer(gw, job, attempt, hangup, headers)
+        # The first chunk is read here, in the request's task, before the response
+        # exists: until it is ready the request may still be refused (see
+        # Dispatcher.confirm), and the client then gets the refusal's own status, not
+        # a 200 stream with an error in it.
+        chunks = stream_answer(gw, job, attempt)
+        first = await unless_client_leaves(hangup, anext(chunks))
+        if hangup.done():
+            await chunks.aclose()  # closing it hangs up on the engine and frees the slot
+            raise ClientLeft
+    except ClientLeft:
+        gw.metrics.requests.labels(kind, "499").inc()
+        return Response(status_code=499, headers=headers)
     except (APIError, RedisError) as exc:
         hangup.cancel()
         return refusal(gw, kind, exc, headers)
     except BaseException:
         hangup.cancel()
         raise
-    if attempt is None:
-        gw.metrics.requests.labels(kind, "499").inc()
-        return Response(status_code=499, headers=headers)
-    gw.log.info("request %s %s model=%s worker=%s", request_id, kind, params.model, attempt.worker.id)
-    if params.stream:
-        # The answer is read ahead of the client, and chunks that are ready together
-        # go out in one write (see relay.EventStreamResponse). Its status and headers
-        # go with the first chunk: until then the request may still be refused (see
-        # Dispatcher.confirm), and the client gets the error's own status.
-        def name_worker() -> None:
-            headers["X-Idlegrid-Worker"] = _answered_by(job, attempt)
-
-        return EventStreamResponse(stream_answer(gw, job, attempt), hangup=hangup, headers=headers,
-                                   max_pending_bytes=CLIENT_BUFFER_BYTES, before_start=name_worker)
-    return await collect_answer(gw, job, attempt, hangup, headers)
+    headers["X-Idlegrid-Worker"] = job.answered_by or attempt.worker.id  # lets benchmarks attribute tokens per worker
+    # The rest of the answer is read ahead of the client, and chunks that are ready
+    # together go out in one write (see relay.EventStreamResponse).
+    return EventStreamResponse(chunks, first=first, hangup=hangup, headers=headers, max_pending_bytes=CLIENT_BUFFER_BYTES)
 
 
 def refusal(gw: Any, kind: str, exc: APIError | RedisError, headers: dict[str, str]) -> Response:
     """The error response for a request the gateway cannot serve (Redis away: 503)."""
-    return refused(gw, kind, exc, headers).response()
-
-
-def refused(gw: Any, kind: str, exc: APIError | RedisError, headers: dict[str, str]) -> APIError:
-    """The error for a request the gateway cannot serve, counted, with `headers`."""
     if isinstance(exc, RedisError):
         exc = APIError(503, "fleet state is unavailable right now; retry shortly", code="redis_unavailable", headers={"Retry-After": "1"})
     gw.metrics.requests.labels(kind, str(exc.status)).inc()
     exc.headers.update(headers)
-    return exc
+    return exc.response()
 
 
-async def start_unless_client_leaves(gw: Any, job: Job, hangup: asyncio.Future) -> Attempt | None:
-    """Place the job and open its engine stream; None if the client hangs up first
-    (a client waiting in the admission queue that hangs up leaves the queue).
+class ClientLeft(Exception):
+    """The client hung up before its answer began."""
 
-    Runs in the request's own task, which a hang-up cancels: a task of its own
-    would cost every request a turn of the event loop before the engine is asked."""
+
+async def unless_client_leaves(hangup: asyncio.Future, work: Awaitable[T]) -> T:
+    """`work`, awaited in the request's own task, which the client hanging up
+    cancels: ClientLeft then (a client waiting in the admission queue leaves it;
+    one waiting for its first chunk hangs up on the engine). In the request's own
+    task because a task of its own would cost every request a turn of the event
+    loop before the engine is asked."""
     task = asyncio.current_task()
     assert task is not None
-    placing = True
+    waiting = True
 
     def stop(_: asyncio.Future) -> None:
-        if placing:  # a callback that comes after we are done must not cancel what follows
+        if waiting:  # a callback that comes after we are done must not cancel what follows
             task.cancel()
 
     hangup.add_done_callback(stop)
     try:
-        attempt = await gw.dispatcher.start(job)
+        return await work
     except asyncio.CancelledError:
         if not hangup.done():
             raise  # we are cancelled ourselves: the server is stopping
         task.uncancel()
-        return None
+        raise ClientLeft from None
     finally:
-        placing = False
+        waiting = False
         hangup.remove_done_callback(stop)
-    if hangup.done():  # it won the race by a hair: give the room back
-        await gw.dispatcher.finish(job, attempt)
-        return None
-    return attempt
 
 
 def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, tenant: dict[str, str]) -> RouteRequest:
@@ -256,37 +259,27 @@ async def _confirm(gw: Any, job: Job, attempt: Attempt) -> Attempt:
 
 
 async def stream_answer(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[bytes]:
+    """The answer as SSE bytes. A request refused (APIError, RedisError) or left by
+    its client before the answer began is answered and counted by `serve`."""
     client = job.client
-    status: str | None = "200"
+    status: str | None = None  # set once the answer has begun
     first = True
     try:
         async for pieces in answer_pieces(gw, job, attempt):
             # The prompt's token ids go with the first chunk, as vLLM sends them.
             prompt_ids = job.progress.prompt_token_ids if first else None
-            first = False
+            first, status = False, "200"
             yield b"".join([client.event(pieces[0], prompt_ids), *(client.event(piece) for piece in pieces[1:])])
+        status = "200"
         if client.include_usage:
             yield client.sse(client.usage_chunk(job.progress))
     except CannotResume as exc:
         status = "502"
         yield client.error_event(str(exc), "engine_failed")
-    except (APIError, RedisError) as exc:
-        if not first:  # (answer_pieces says CannotResume once the answer has begun)
-            raise
-        # Refused before the first chunk: the response has not started, and the
-        # app's error handler answers with the error's own status.
-        status = None
-        raise refused(gw, job.kind, exc, {"X-Request-Id": job.request_id}) from None
     finally:
         if status is not None:
             gw.metrics.requests.labels(job.kind, status).inc()
     yield client.DONE
-
-
-def _answered_by(job: Job, attempt: Attempt) -> str:
-    """For the X-Idlegrid-Worker header, which lets benchmarks attribute tokens per
-    worker: the worker that started the answer (one that took it over midway is not named)."""
-    return job.answered_by or attempt.worker.id
 
 
 async def collect_answer(gw: Any, job: Job, attempt: Attempt, hangup: asyncio.Future, headers: dict[str, str]) -> Response:
@@ -317,7 +310,7 @@ async def collect_answer(gw: Any, job: Job, attempt: Attempt, hangup: asyncio.Fu
     finally:
         hangup.cancel()
     gw.metrics.requests.labels(job.kind, "200").inc()
-    headers["X-Idlegrid-Worker"] = _answered_by(job, attempt)
+    headers["X-Idlegrid-Worker"] = job.answered_by or attempt.worker.id
     return JSONResponse(collector.response(job.progress), headers=headers)
 
 

@@ -10,6 +10,8 @@ Redis, real simulated engines, a real gateway over HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import redis.asyncio as aioredis
@@ -147,3 +149,41 @@ def _running(engine_url: str) -> float:
     """Requests the engine is running, from its vLLM-style /metrics."""
     metrics = httpx.get(engine_url + "/metrics").raise_for_status().text
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("vllm:num_requests_running"))
+
+
+def test_a_client_that_hangs_up_before_its_first_token_frees_the_slot(redis_url):
+    """The engine has taken the request but not yet answered (paused here, as a long
+    prefill would be): the gateway is waiting for the first chunk when the client
+    hangs up. The engine's work is hung up on and the reservation goes back."""
+    from tests.test_qualify import RawWorker
+
+    engine = SimEngine(SimConfig(model=MODEL, time_scale=1.0))
+    server, gw = start_gateway(redis_url, qualify=False)
+    try:
+        with EnginesInThread([engine]) as fleet, RawWorker(gw.url, gw.enroll_token("dc-a"), fleet.urls[0]) as worker:
+            gw.wait_ready(1)
+            httpx.post(fleet.urls[0] + "/pause", params={"mode": "keep"}).raise_for_status()
+            held = lambda: fleet.run(lambda: len(engine.held) + len(engine.waiting) + len(engine.running))  # noqa: E731
+            body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True}).encode()
+            host, port = gw.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as client:
+                client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                               b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (gw.api_key.encode(), len(body), body))
+                wait_until(lambda: held() == 1, "the engine to hold the request")
+                assert gw.workers()[0]["reserved_requests"] == 1
+            # The client is gone before any byte of its answer (or even a status line) was sent.
+            wait_until(lambda: held() == 0, "the engine to drop the abandoned request")
+            wait_until(lambda: gw.workers()[0]["reserved_requests"] == 0, "the reservation to be released")
+            httpx.post(fleet.urls[0] + "/resume").raise_for_status()
+            with gw.client as c:
+                r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 5})
+            assert r.status_code == 200 and r.headers["x-idlegrid-worker"] == worker.id
+    finally:
+        server.stop()
+
+
+def wait_until(check, what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
