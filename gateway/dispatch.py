@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -186,9 +187,15 @@ STREAM_SILENCE_S = 2.0
 # worker within one view refresh, or requests starting to queue), and the
 # request's time to first token loses the Redis round trip: the engine's work
 # and the gateway's own (response headers, parsing the first chunk) overlap it.
-# When it is refused, the client has seen nothing yet: the request is placed
-# afresh. Nearer the line, room is reserved first and the engine asked after.
+# When it is refused, the engine is hung up on as soon as Redis says so (it held
+# the request for about a Redis round trip), and the client has seen nothing yet:
+# the request is placed afresh. Nearer the line, room is reserved first and the
+# engine asked after.
 EARLY_START_BELOW = 0.5
+# ... and only while at least this many sequences stay free with the request added:
+# a burst at several gateways within one view refresh must not fill a small worker
+# (max_num_seqs of a few) past its slots even for that round trip.
+EARLY_START_MIN_FREE = 3
 
 
 @dataclass
@@ -553,6 +560,8 @@ class Dispatcher:
                 self.metrics.retries.labels(exc.reason.split(" ")[-1]).inc()
                 continue
             attempt = Attempt(worker, response, resume, job, self.streams, reserving)
+            if reserving is not None:
+                reserving.add_done_callback(functools.partial(_hang_up_if_refused, response))
             if self._stream_watch is None:
                 self._stream_watch = asyncio.create_task(self._watch_streams())
             return attempt
@@ -669,9 +678,19 @@ class Dispatcher:
             await self.registry.renew(worker_id, request_ids)
 
 
+def _hang_up_if_refused(response: EngineStream, reserving: asyncio.Future) -> None:
+    """An early start whose room Redis refused: stop the engine's work on it at once
+    (`confirm` then places the request again), so no engine holds a request past
+    its slots for longer than the reservation's round trip."""
+    if not reserving.cancelled() and reserving.exception() is None and not reserving.result().ok:
+        response.close()
+
+
 def _far_below_line(worker: Worker, route: RouteRequest) -> bool:
-    """True when `worker`, with `route` added, is at most EARLY_START_BELOW full."""
-    if worker.reserved_requests + 1 > EARLY_START_BELOW * worker.max_num_seqs:
+    """True when `worker`, with `route` added, is at most EARLY_START_BELOW full and
+    has EARLY_START_MIN_FREE sequences left."""
+    after = worker.reserved_requests + 1
+    if after > EARLY_START_BELOW * worker.max_num_seqs or worker.max_num_seqs - after < EARLY_START_MIN_FREE:
         return False
     capacity = worker.kv_capacity_tokens
     return capacity <= 0 or worker.reserved_tokens + route.reserved_tokens <= EARLY_START_BELOW * capacity

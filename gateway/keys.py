@@ -16,7 +16,13 @@ def worker(worker_id: str) -> str:
 
 
 def reservations(worker_id: str) -> str:
-    return f"{PREFIX}:resv:{worker_id}"  # HASH request_id -> "tokens expiry"
+    # Named anew when entries lost their expiry (it moved to `leases`): an entry
+    # "tokens expiry" of the old key must never be read as "tokens average".
+    return f"{PREFIX}:reservations:{worker_id}"  # HASH request_id -> "tokens average_kv_tokens"
+
+
+def leases(worker_id: str) -> str:
+    return f"{PREFIX}:leases:{worker_id}"  # ZSET request_id -> lease expiry (Redis time)
 
 
 def enroll_token(token_hash: str) -> str:

@@ -228,6 +228,12 @@ async def answer_pieces(gw: Any, job: Job, attempt: Attempt) -> AsyncIterator[li
                         raise EngineFailed("engine stream ended without finishing")
                     return
             except EngineFailed as failure:
+                if attempt.reserving is not None:
+                    # Not confirmed yet: the stream may have been cut because Redis refused the room.
+                    confirmed = await _confirm(gw, job, attempt)
+                    if confirmed is not attempt:
+                        attempt = confirmed
+                        continue
                 await gw.dispatcher.finish(job, attempt)
                 await gw.dispatcher.worker_failed(job, attempt.worker)
                 blocker = job.resume_blocker() if progress.completion_tokens or progress.tokens_untracked else None

@@ -48,6 +48,8 @@ def test_only_a_worker_far_below_its_line_is_started_early():
     assert _far_below_line(worker, route)
     assert not _far_below_line(Worker(**{**worker.__dict__, "reserved_requests": 4}), route)  # a fifth would pass half
     assert not _far_below_line(Worker(**{**worker.__dict__, "reserved_tokens": 4_500}), route)  # KV past half
+    # A worker of a few slots, even empty: a burst at a few gateways could fill it in one view refresh.
+    assert not _far_below_line(Worker(**{**worker.__dict__, "max_num_seqs": 2}), route)
 
 
 def test_an_early_start_whose_room_was_taken_hangs_up_and_goes_where_there_is_room(redis_url):
@@ -74,6 +76,12 @@ def test_an_early_start_whose_room_was_taken_hangs_up_and_goes_where_there_is_ro
             job = job_for({"model": MODEL, "prompt": "hi", "max_tokens": 20, "stream": True}, "early-1")
             early = await dispatcher.start(job)
             assert early.worker.id == "a" and early.reserving is not None  # asked before Redis answered
+            # Redis refuses the room: the engine's work stops as soon as it does, not when
+            # the answer's first chunk is about to go out.
+            deadline = time.monotonic() + 2
+            while await asyncio.to_thread(work_on_a) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert await asyncio.to_thread(work_on_a) == 0
             attempt = await dispatcher.confirm(job, early)  # as the first chunk is about to go out
             body = b"".join([data async for data in attempt.response.chunks()])
             await dispatcher.finish(job, attempt)
