@@ -35,8 +35,8 @@ _FLOAT_FIELDS = {f.name for f in dataclasses.fields(Worker) if f.type in ("float
 # Every change to one goes through these scripts, atomically, so the sums stay the
 # sums of the entries. A lease that runs out (its gateway died, or stopped
 # renewing) is dropped, and taken off the sums, by the next call that meets it.
+# Expects `sums`, the worker hash's three sums as read (HMGET).
 _LIVE_RESERVATIONS = """
-local sums = redis.call('HMGET', KEYS[1], 'reserved_requests', 'reserved_tokens', 'reserved_average_kv_tokens')
 local count, total, average = tonumber(sums[1]) or 0, tonumber(sums[2]) or 0, tonumber(sums[3]) or 0
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
 for _, id in ipairs(expired) do
@@ -62,9 +62,10 @@ RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 if KEYS[5] and redis.call('ZCARD', KEYS[5]) > 0 then return {0, 'queued', -1, -1, -1, 0} end
-local w = redis.call('HMGET', KEYS[1], 'state', 'last_heartbeat')
+local w = redis.call('HMGET', KEYS[1], 'state', 'last_heartbeat', 'reserved_requests', 'reserved_tokens', 'reserved_average_kv_tokens')
 if w[1] ~= 'ready' then return {0, 'not_ready', -1, -1, -1, 0} end
 if now - tonumber(w[2] or '0') > tonumber(ARGV[6]) then return {0, 'stale', -1, -1, -1, 0} end
+local sums = {w[3], w[4], w[5]}
 """ + _LIVE_RESERVATIONS + """local held = redis.call('HGET', KEYS[2], ARGV[1])
 if held then
   local tokens, avg = string.match(held, '^(%d+) (%d+)$')
@@ -104,7 +105,8 @@ RELEASE = """
 -- Returns {live requests, live tokens, live average KV tokens, version (0: the worker is gone)}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local sums = redis.call('HMGET', KEYS[1], 'reserved_requests', 'reserved_tokens', 'reserved_average_kv_tokens')
+if not sums[1] and redis.call('EXISTS', KEYS[1]) == 0 then  -- the worker is gone, and its room with it
   redis.call('DEL', KEYS[2], KEYS[4])
   return {0, 0, 0, 0}
 end
