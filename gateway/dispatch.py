@@ -196,6 +196,10 @@ EARLY_START_BELOW = 0.5
 # a burst at several gateways within one view refresh must not fill a small worker
 # (max_num_seqs of a few) past its slots even for that round trip.
 EARLY_START_MIN_FREE = 3
+# A worker whose heartbeats stopped less than this long ago counts as gone (nothing
+# is placed on it) but may only be late, on a host starved of CPU: a request with no
+# other worker waits in the queue for it rather than hearing 503 at once.
+LATE_HEARTBEAT_WAIT_S = 10.0
 
 
 @dataclass
@@ -402,7 +406,7 @@ class Dispatcher:
         if self._doomed(model, waiting, view):
             view = await self.refresh(full=True)  # confirm before answering 404/503
             for waiter in self._doomed(model, waiting, view):
-                waiter.placed.set_exception(_unservable(model, waiter.job.excluded, view.workers))
+                waiter.placed.set_exception(_unservable(model, waiter.job.excluded, view))
             waiting = [w for w in waiting if not w.placed.done()]
         # Room for the smallest request bounds every request's pool: without any,
         # there is nothing to place and no need to ask Redis for places in line.
@@ -471,9 +475,9 @@ class Dispatcher:
     async def _check_servable(self, job: Job, view: FleetView) -> None:
         """404 or 503 when no worker could serve `job` however long it waited;
         confirmed by a full read, since a view may not show a worker admitted just now."""
-        if _unservable(job.model, job.excluded, view.workers) is None:
+        if _unservable(job.model, job.excluded, view) is None:
             return
-        error = _unservable(job.model, job.excluded, (await self.refresh(full=True)).workers)
+        error = _unservable(job.model, job.excluded, await self.refresh(full=True))
         if error is not None:
             raise error
 
@@ -486,7 +490,7 @@ class Dispatcher:
         for waiter in waiting:
             excluded = frozenset(waiter.job.excluded)
             if excluded not in verdicts:
-                verdicts[excluded] = _unservable(model, excluded, view.workers) is not None
+                verdicts[excluded] = _unservable(model, excluded, view) is not None
             if verdicts[excluded]:
                 out.append(waiter)
         return out
@@ -696,13 +700,17 @@ def _far_below_line(worker: Worker, route: RouteRequest) -> bool:
     return capacity <= 0 or worker.reserved_tokens + route.reserved_tokens <= EARLY_START_BELOW * capacity
 
 
-def _unservable(model: str, excluded: set[str] | frozenset[str], workers: list[Worker]) -> APIError | None:
+def _unservable(model: str, excluded: set[str] | frozenset[str], view: FleetView) -> APIError | None:
     """Why no worker could serve a request for `model` (not on `excluded` workers)
     however long it waited, if none could."""
+    workers = view.workers
     serving = [w for w in workers if w.model == model and w.state != GONE]
     if not serving:
         if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
             return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+        now = view.now()
+        if any(w.model == model and w.id not in excluded and now - w.last_heartbeat < LATE_HEARTBEAT_WAIT_S for w in workers):
+            return None  # its heartbeats are late, not necessarily over: wait for it
         return APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
     if not any((w.state == READY or _ready_soon(w)) and w.id not in excluded for w in serving):
         return APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")

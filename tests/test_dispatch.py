@@ -167,24 +167,30 @@ def test_reservation_ends_with_the_engine_not_with_a_slow_client(redis_url):
 
 def test_a_request_waits_for_a_worker_about_to_be_ready_and_hears_at_once_of_one_that_will_not_be():
     """Whether a request with no ready worker waits in the queue (None) or is told 503:
-    it waits for a worker waking from sleep or being qualified, not for one asleep,
-    draining, flagged by its probe or still loading its model."""
-    from gateway.dispatch import _unservable
+    it waits for a worker waking from sleep, being qualified, or whose heartbeats
+    are a few seconds late (a host short of CPU), not for one asleep, draining,
+    flagged by its probe, still loading its model, or long silent."""
+    from gateway.dispatch import FleetView, _unservable
     from gateway.fleet import Worker
 
-    def alone(state: str, **extra: str):
-        worker = Worker(id="w", center="dc-a", model=MODEL, engine_url="http://x", state=state, extra=extra)
-        error = _unservable(MODEL, set(), [worker])
+    now = 1_000_000.0
+
+    def alone(state: str, *, silent_s: float = 0.5, excluded: frozenset = frozenset(), **extra: str):
+        worker = Worker(id="w", center="dc-a", model=MODEL, engine_url="http://x", state=state,
+                        last_heartbeat=now - silent_s, extra=extra)
+        error = _unservable(MODEL, excluded, FleetView([worker], redis_time=now, read_at=time.monotonic()))
         return None if error is None else (error.status, error.code)
 
     assert alone("ready") is None
     assert alone("waking") is None
     assert alone("starting", reported_state="ready") is None  # qualifying
+    assert alone("gone", silent_s=4) is None  # late, perhaps only slow
     refused = (503, "no_worker")
+    assert alone("gone", silent_s=30) == refused
     assert alone("sleeping") == refused
     assert alone("draining") == refused
     assert alone("starting", reported_state="ready", flagged="1") == refused
     assert alone("starting", reported_state="ready", cordoned="1") == refused
     assert alone("starting", reported_state="starting") == refused  # the engine is still loading
-    excluded = _unservable(MODEL, {"w"}, [Worker(id="w", center="dc-a", model=MODEL, engine_url="http://x", state="waking")])
-    assert (excluded.status, excluded.code) == refused  # it failed this request already
+    assert alone("waking", excluded=frozenset({"w"})) == refused  # it failed this request already
+    assert alone("gone", silent_s=4, excluded=frozenset({"w"})) == refused
