@@ -97,7 +97,9 @@ def _stream(gw, model: str, i: int) -> tuple[str, str, int]:
 def test_paused_vllm_worker_hands_its_streams_to_the_other(vllm_fleet):
     gw, engines = vllm_fleet
     model = engines[0].model
-    n = 4
+    # Eight answers, about four per engine: a batch that size decodes slowly enough on
+    # 2 cores that the pause below (seconds, as vLLM drains) lands while they stream.
+    n = 8
     reference = [_stream(gw, model, i) for i in range(n)]
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
