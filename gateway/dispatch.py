@@ -704,26 +704,26 @@ def _unservable(model: str, excluded: set[str] | frozenset[str], view: FleetView
     """Why no worker could serve a request for `model` (not on `excluded` workers)
     however long it waited, if none could."""
     workers = view.workers
-    serving = [w for w in workers if w.model == model and w.state != GONE]
-    if not serving:
-        if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
-            return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-        now = view.now()
-        if any(w.model == model and w.id not in excluded and now - w.last_heartbeat < LATE_HEARTBEAT_WAIT_S for w in workers):
-            return None  # its heartbeats are late, not necessarily over: wait for it
+    if any(w.state != GONE for w in workers) and not any(w.model == model for w in workers):
+        return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+    now = view.now()
+    if any(w.model == model and w.id not in excluded and (w.state == READY or _ready_soon(w, now)) for w in workers):
+        return None
+    if not any(w.model == model and w.state != GONE for w in workers):
         return APIError(503, f"no worker is serving '{model}' right now", code="no_worker")
-    if not any((w.state == READY or _ready_soon(w)) and w.id not in excluded for w in serving):
-        return APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
-    return None
+    return APIError(503, f"no worker is ready to serve '{model}'", code="no_worker")
 
 
-def _ready_soon(worker: Worker) -> bool:
-    """Will be ready within seconds with nobody's say: waking from sleep, or held in
-    `starting` only while the gateway qualifies it (not flagged, not cordoned). A
-    request for it waits in the queue; one whose workers sleep, drain or are still
-    loading their model is told at once."""
+def _ready_soon(worker: Worker, now: float) -> bool:
+    """Will be ready within seconds with nobody's say: waking from sleep, held in
+    `starting` only while the gateway qualifies it (not flagged, not cordoned), or
+    gone only for heartbeats a few seconds late (see LATE_HEARTBEAT_WAIT_S). A
+    request for it waits in the queue; one whose workers sleep, drain, are still
+    loading their model or went silent long ago is told at once."""
     if worker.state == WAKING:
         return True
+    if worker.state == GONE:
+        return now - worker.last_heartbeat < LATE_HEARTBEAT_WAIT_S
     extra = worker.extra
     return (worker.state == STARTING and extra.get("reported_state") == READY
             and extra.get("flagged") != "1" and extra.get("cordoned") != "1")
