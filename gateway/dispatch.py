@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
+from redis.exceptions import RedisError
 
 from gateway.admission import AdmissionQueue
 from gateway.config import GatewayConfig
@@ -544,18 +545,22 @@ class Dispatcher:
                     raise
                 break  # no other worker to try: report the engine failure itself
             worker = placement.worker
-            reserving: asyncio.Future | None = None
-            if placement.early:
-                # Its first step runs once the engine's request below is written: Redis
-                # (often on this same core) makes the reservation while the engine
-                # works, and nothing waits on it until `confirm`.
-                reserving = asyncio.ensure_future(self._reserve(job, worker, unless_queued=True))
+            reserving: asyncio.Future[Reservation] | None = None
+
+            def reserve() -> None:
+                # Called once the engine's request is written: Redis (often on this
+                # same core) makes the reservation while the engine works, and nothing
+                # waits on it until `confirm`.
+                nonlocal reserving
+                reserving = self.registry.reserve_now(worker, job.request_id, job.route.reserved_tokens,
+                                                      job.route.average_kv_tokens, unless_queued=job.model)
+
             try:
-                response = await self._ask_engine(job, worker, resume)
+                response = await self._ask_engine(job, worker, resume, sent=reserve if placement.early else None)
             except BaseException as exc:
                 # The engine failed, refused, or the client left: neither its work nor the room is kept.
                 with anyio.CancelScope(shield=True):
-                    await self._settle(job, worker, reserving, held=reserving is None)
+                    await self._settle(job, worker, reserving, held=not placement.early)
                 if not isinstance(exc, EngineFailed):
                     raise
                 last = exc
@@ -580,15 +585,25 @@ class Dispatcher:
         if attempt.reserving is None:
             return attempt
         try:
-            # Shielded: a client that leaves now must not cut the call short, or room
-            # Redis did reserve would stay taken until its lease ran out.
-            reservation: Reservation = await asyncio.shield(attempt.reserving)
+            try:
+                # Shielded: a client that leaves now must not cut the call short, or
+                # room Redis did reserve would stay taken until its lease ran out.
+                reservation: Reservation = await asyncio.shield(attempt.reserving)
+            except RedisError:
+                # The call went out unguarded (see Registry.reserve_now): once more the
+                # patient way, which reconnects (a retried reservation counts once).
+                attempt.reserving = asyncio.ensure_future(self.registry.reserve(
+                    attempt.worker, job.request_id, job.route.reserved_tokens, job.route.average_kv_tokens, unless_queued=job.model))
+                reservation = await asyncio.shield(attempt.reserving)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.finish(job, attempt)
             raise
         attempt.reserving = None
+        # Our copy of the worker takes the counts Redis found, so the next choice sees them.
+        self.cache.note(attempt.worker.id, reservation.version, reservation.worker_fields())
         if reservation.ok:
+            self.active[job.request_id] = attempt.worker.id
             attempt.held = True
             return attempt
         job.early_refused = True
@@ -609,19 +624,20 @@ class Dispatcher:
         """Release the room `job` holds on `worker`, or that `reserving` makes."""
         if reserving is not None:
             with contextlib.suppress(Exception):  # Redis away: nothing was reserved that we know of
-                held = (await reserving).ok
+                held = (await asyncio.shield(reserving)).ok
         if held:
             await self.release(job, worker)
 
-    async def _ask_engine(self, job: Job, worker: Worker, resume: bool) -> EngineStream:
+    async def _ask_engine(self, job: Job, worker: Worker, resume: bool, *, sent: Callable[[], None] | None = None) -> EngineStream:
         """Open the engine's stream: EngineFailed if the engine is at fault (another
-        worker may do), APIError if it refuses the request itself (any would)."""
+        worker may do), APIError if it refuses the request itself (any would).
+        `sent` is called once the request is written."""
         path, body = job.engine_request(resume)
         headers = {"X-Request-Id": job.request_id}
         if worker.engine_api_key:
             headers["Authorization"] = f"Bearer {worker.engine_api_key}"
         try:
-            response = await self.engines.stream(worker.engine_url.rstrip("/") + path, body, headers)
+            response = await self.engines.stream(worker.engine_url.rstrip("/") + path, body, headers, sent=sent)
         except EngineTimeout:
             raise EngineFailed(f"worker {worker.id} timed out", 504) from None
         except EngineError as exc:
@@ -759,4 +775,4 @@ def _engine_message(detail: bytes) -> str:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID on every request

@@ -23,7 +23,7 @@ import asyncio
 import functools
 import ssl
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -268,8 +268,9 @@ class EngineClient:
         self._pools: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
 
-    async def stream(self, url: str, body: dict, headers: dict[str, str]) -> EngineStream:
-        """POST `body` as JSON and return once the response's headers are in."""
+    async def stream(self, url: str, body: dict, headers: dict[str, str], *, sent: Callable[[], None] | None = None) -> EngineStream:
+        """POST `body` as JSON and return once the response's headers are in;
+        `sent` is called as soon as the request is written."""
         origin, start = _target(url)
         payload = _encode(body)
         head = [start, b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(payload)]
@@ -282,6 +283,8 @@ class EngineClient:
         connection = self._pooled(origin) or await self._connect(origin)
         stream = EngineStream(connection)
         connection.send(b"".join(head), stream)
+        if sent is not None:
+            sent()
         try:
             await stream._headers_in
         except asyncio.CancelledError:

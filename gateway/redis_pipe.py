@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Any
+from typing import Any, Callable
 
 import hiredis
 from redis.asyncio import Redis
@@ -39,7 +39,8 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ResponseError)
-        self.waiting: collections.deque[tuple[asyncio.Future, float]] = collections.deque()  # (reply, sent at)
+        # (reply, sent at, what turns the reply into the future's result)
+        self.waiting: collections.deque[tuple[asyncio.Future, float, Callable[[Any], Any] | None]] = collections.deque()
         self.lost: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,9 +52,18 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            future, _ = self.waiting.popleft()
-            if not future.done():
-                future.set_result(reply)
+            future, _, decode = self.waiting.popleft()
+            if future.done():
+                continue
+            if decode is None:
+                future.set_result(reply)  # `call` looks at error replies itself
+            elif isinstance(reply, ResponseError):
+                future.set_exception(NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply)
+            else:
+                try:
+                    future.set_result(decode(reply))
+                except Exception as exc:  # noqa: BLE001 - the caller's to judge, not the connection's
+                    future.set_exception(exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(ConnectionError(f"connection to Redis lost ({exc or 'closed'})"))
@@ -61,16 +71,16 @@ class _Protocol(asyncio.Protocol):
     def fail(self, error: Exception) -> None:
         self.lost = self.lost or error
         while self.waiting:
-            future, _ = self.waiting.popleft()
+            future, _, _ = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
         if self.transport is not None:
             self.transport.close()
 
-    def send(self, args: tuple) -> asyncio.Future:
+    def send(self, args: tuple, decode: Callable[[Any], Any] | None = None) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
         self.transport.write(hiredis.pack_command(args))  # type: ignore[union-attr]
-        self.waiting.append((future, time.monotonic()))
+        self.waiting.append((future, time.monotonic(), decode))
         return future
 
 
@@ -107,6 +117,18 @@ class RedisPipe:
             return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await self.call("EVAL", script.script, len(keys), *keys, *args)
+
+    def script_now(self, script: AsyncScript, keys: list[str], args: list[Any], decode: Callable[[Any], Any]) -> asyncio.Future | None:
+        """Run a registered Lua script, its command written before this returns: the
+        future of `decode(reply)`, set the moment the reply is read, so that whoever
+        awaits it after Redis has answered finds it ready, without another turn of
+        the event loop. None when the connection is not up (`script` connects). No
+        retries: an error (NoScriptError, a lost connection) is the future's, and
+        the caller may try again through `script`."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or self._loop is not asyncio.get_running_loop():
+            return None
+        return protocol.send(("EVALSHA", script.sha, len(keys), *keys, *args), decode)
 
     async def call(self, *args: Any) -> Any:
         """One command's reply; ResponseError for an error reply, ConnectionError or

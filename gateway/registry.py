@@ -10,6 +10,7 @@ so `WorkerCache` re-reads only the records that changed.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import secrets
@@ -232,6 +233,13 @@ class Reservation:
                 "reserved_average_kv_tokens": int(self.average_kv_tokens or 0)}
 
 
+def _reservation(reply: list) -> Reservation:
+    """RESERVE's reply."""
+    ok, reason, requests, total, average_total, version = reply
+    return Reservation(bool(ok), reason.decode() if isinstance(reason, bytes) else reason,
+                       _counted(requests), _counted(total), _counted(average_total), int(version))
+
+
 def _counted(value: int) -> int | None:
     return None if value < 0 else int(value)
 
@@ -361,16 +369,28 @@ class Registry:
         `tokens` of KV capacity, and `average_kv_tokens` (default: all of them) counted
         towards the worker's predicted decode speed. With `unless_queued` (a model),
         refused while requests wait in that model's admission queue."""
+        return _reservation(await self._hot(self._reserve, *self._reserve_call(worker, request_id, tokens, average_kv_tokens, unless_queued)))
+
+    def reserve_now(self, worker: Worker, request_id: str, tokens: int, average_kv_tokens: int | None = None,
+                    *, unless_queued: str | None = None) -> asyncio.Future[Reservation]:
+        """`reserve`, its command on its way to Redis before this returns (when the
+        connection is up): a future that is ready the moment the reply is read.
+        Awaiting it may raise RedisError (a lost connection, a Redis that forgot
+        its scripts) where `reserve` would have tried again: a retried reservation
+        counts once, so the caller can call `reserve` then."""
+        call = self._reserve_call(worker, request_id, tokens, average_kv_tokens, unless_queued)
+        sent = self._pipe.script_now(self._reserve, *call, decode=_reservation) if self._pipe is not None else None
+        if sent is None:
+            return asyncio.ensure_future(self.reserve(worker, request_id, tokens, average_kv_tokens, unless_queued=unless_queued))
+        return sent
+
+    def _reserve_call(self, worker: Worker, request_id: str, tokens: int, average_kv_tokens: int | None,
+                      unless_queued: str | None) -> tuple[list[str], list[Any]]:
         average = int(tokens if average_kv_tokens is None else average_kv_tokens)
         script_keys = [keys.worker(worker.id), keys.reservations(worker.id), keys.WORKER_VERSIONS, keys.leases(worker.id)]
         if unless_queued is not None:
             script_keys.append(keys.queue(unless_queued))
-        ok, reason, requests, total, average_total, version = await self._hot(
-            self._reserve, script_keys,
-            [request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl, average],
-        )
-        return Reservation(bool(ok), reason.decode() if isinstance(reason, bytes) else reason,
-                           _counted(requests), _counted(total), _counted(average_total), int(version))
+        return script_keys, [request_id, int(tokens), self.lease_s, worker.max_num_seqs, worker.kv_capacity_tokens, self.heartbeat_ttl, average]
 
     async def release(self, worker_id: str, request_id: str) -> Reservation:
         requests, total, average_total, version = await self._hot(

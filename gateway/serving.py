@@ -12,11 +12,11 @@ the work at once and frees its GPU slot: one task per request listens for it.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import anyio
+import msgspec
 from redis.exceptions import RedisError
 
 from starlette.requests import ClientDisconnect, Request
@@ -164,7 +164,9 @@ def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, te
 
 
 def _token_ids(params: ChatCompletionRequest | CompletionRequest) -> bool:
-    prompt = getattr(params, "prompt", None)
+    if not isinstance(params, CompletionRequest):
+        return False  # (a chat request has no prompt: asking pydantic for one is slow)
+    prompt = params.prompt
     return isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
 
 
@@ -182,8 +184,8 @@ async def read_json(request: Request, limit: int) -> Any:
     except ClientDisconnect:
         raise APIError(400, "client disconnected while sending the body") from None
     try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
+        return msgspec.json.decode(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    except msgspec.DecodeError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
 
 

@@ -30,7 +30,7 @@ from gateway.fleet import READY
 from gateway.fleet_file import Fleet, FleetFileError, WorkerGroup, load_fleet
 from gateway.policies import DEFAULT_POLICY, POLICIES
 from gateway.registry import Registry
-from gateway.serve import tune_gc
+from gateway.serve import UVICORN_OPTIONS, tune_gc
 
 DEFAULT_SIM_MODEL = "deepseek-r1-distill-qwen-1.5b"
 DEFAULT_VLLM_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -151,7 +151,7 @@ class Up:
             redis_url=redis_url, center=home, policy=args.policy, admin_token=admin_token,
             center_rtt_ms={c: self.fleet.rtt(home, c) for c in self.fleet.centers if c != home},
         )
-        server = uvicorn.Server(uvicorn.Config(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False, timeout_keep_alive=30))
+        server = uvicorn.Server(uvicorn.Config(create_app(config), host=args.host, port=args.port, **UVICORN_OPTIONS))
         server.install_signal_handlers = lambda: None  # we handle signals ourselves
         serve_task = asyncio.create_task(server.serve())
         while not server.started:

@@ -153,6 +153,45 @@ def test_a_streamed_request_refused_after_its_early_start_gets_the_refusals_stat
         server.stop()
 
 
+def test_an_early_start_whose_quick_reservation_call_fails_is_served_all_the_same(redis_url):
+    """The early start's reservation goes out as a bare call, with none of the
+    usual retries (see Registry.reserve_now). When that call fails (here: Redis
+    forgot its scripts, as after a restart), the reservation is made again the
+    patient way before the answer's first byte: the client sees a whole answer,
+    and the room is counted, then given back."""
+    server, gw = start_gateway(redis_url)
+    try:
+        gw.start_sim_worker("dc-a", time_scale=1.0)
+        worker = gw.wait_ready(1)[0]
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 50, "stream": True}
+        with gw.client as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:  # warms the gateway's fleet view and connections
+                assert r.status_code == 200 and sum(1 for line in r.iter_lines() if line.startswith("data: ")) == 51
+
+            async def flush_scripts() -> None:
+                redis = aioredis.Redis.from_url(redis_url)
+                await redis.script_flush()
+                await redis.aclose()
+
+            asyncio.run(flush_scripts())
+            with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 400}) as r:
+                assert r.status_code == 200 and r.headers["x-idlegrid-worker"] == worker["id"]
+                lines = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                    if len(lines) == 1:
+                        assert gw.workers()[0]["reserved_requests"] == 1, "the answer's room is counted while it streams"
+            assert len(lines) == 401 and lines[-1] == "data: [DONE]"
+        deadline = time.monotonic() + 5
+        while gw.workers()[0]["reserved_requests"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gw.workers()[0]["reserved_requests"] == 0
+    finally:
+        gw.stop_agents()
+        server.stop()
+
+
 def _running(engine_url: str) -> float:
     """Requests the engine is running, from its vLLM-style /metrics."""
     metrics = httpx.get(engine_url + "/metrics").raise_for_status().text

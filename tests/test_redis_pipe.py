@@ -9,8 +9,9 @@ import asyncio
 import time
 
 import pytest
+import redis
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.redis_pipe import RedisPipe
@@ -39,6 +40,36 @@ async def test_a_script_redis_forgot_is_loaded_again(redis_url):
     assert (await pipe.script(script, ["a"], [1]))[2] == 2
     with pytest.raises(ResponseError):
         await pipe.call("INCR", "no", "such", "arity")
+    await pipe.close()
+    await client.aclose()
+
+
+async def test_a_script_sent_now_is_on_its_way_before_anything_is_awaited(redis_url):
+    """script_now writes the command before it returns: a reply future that holds
+    the decoded result as soon as the reply is read. Without a connection it sends
+    nothing (None), and an error reply is the future's exception."""
+    client = aioredis.Redis.from_url(redis_url)
+    pipe = RedisPipe.like(client)
+    script = client.register_script(ECHO)
+    assert pipe.script_now(script, ["n"], [1], decode=lambda reply: reply) is None, "not connected yet"
+    assert (await pipe.script(script, ["n"], [1]))[2] == 1  # connects and loads the script
+
+    sent = pipe.script_now(script, ["n"], ["x"], decode=lambda reply: ("decoded", reply[2]))
+    assert sent is not None and not sent.done()
+    # Written already: with this event loop not yet run again, Redis has done its INCR.
+    other = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 5
+    while other.get("n") != b"2" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert other.get("n") == b"2" and not sent.done()
+    other.close()
+    assert await sent == ("decoded", 2)
+
+    await client.script_flush()
+    forgotten = pipe.script_now(script, ["n"], [1], decode=lambda reply: reply)
+    with pytest.raises(NoScriptError):
+        await forgotten
+    assert await client.get("n") == b"2", "nothing ran"
     await pipe.close()
     await client.aclose()
 
