@@ -122,6 +122,7 @@ class Attempt:
     def __init__(self, worker: Worker, response: EngineStream, resumed: bool, job: Job, watched: set["Attempt"],
                  reserving: asyncio.Future | None = None):
         self.worker = worker
+        self.request_id = job.request_id
         self.response = response
         self.resumed = resumed
         self.reserving = reserving  # the Reservation on its way; None once it is made
