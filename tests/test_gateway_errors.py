@@ -45,6 +45,8 @@ def test_missing_and_wrong_api_key_are_401(gateway_server):
         ({**CHAT, "messages": []}, "messages"),
         ({**CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({**CHAT, "n": 0}, "n"),
+        ({**CHAT, "messages": [{"content": "hi"}]}, "messages.0.role"),
+        ({**CHAT, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ],
 )
 def test_invalid_fields_are_400_naming_the_field(gateway_server, body, param):
@@ -52,6 +54,16 @@ def test_invalid_fields_are_400_naming_the_field(gateway_server, body, param):
         r = c.post("/v1/chat/completions", json=body)
     err = assert_openai_error(r, 400, param)
     assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "prompt, param",
+    [(5, "prompt"), ([True], "prompt.0"), ([[1, "two"]], "prompt.0.1"), (None, "prompt")],
+)
+def test_a_prompt_that_is_not_text_or_token_ids_is_400_naming_it(gateway_server, prompt, param):
+    with gateway_server.client as c:
+        r = c.post("/v1/completions", json={"model": "m", "prompt": prompt})
+    assert_openai_error(r, 400, param)
 
 
 def test_malformed_json_and_non_object_are_400(gateway_server):
