@@ -339,8 +339,9 @@ class Dispatcher:
         policy = self.policies.get(job.policy_name) or self.policies[self.config.policy]
         for _ in range(FAST_PATH_TRIES):
             view = await self.snapshot()
-            await self._check_servable(job, view)
             pool = self._pool(job.route, job.excluded, view)
+            if not pool:  # (a worker with room can serve it: no need to ask)
+                await self._check_servable(job, view)
             choice = policy.choose(self._locate(job.route, view, pool), pool) if pool else None
             if choice is None:
                 break
