@@ -165,7 +165,7 @@ def route_request(params: ChatCompletionRequest | CompletionRequest, gw: Any, te
 
 def _token_ids(params: ChatCompletionRequest | CompletionRequest) -> bool:
     if not isinstance(params, CompletionRequest):
-        return False  # (a chat request has no prompt: asking pydantic for one is slow)
+        return False  # a chat request has no prompt
     prompt = params.prompt
     return isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
 
