@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # httpx logs every request it makes at INFO (qualification probes, heartbeats,
+        # round-trip pings): hundreds of lines that say nothing, unless debugging.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args._module.run(args) or 0)
     except UserError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 
 import uvicorn
@@ -60,8 +59,6 @@ def tune_gc() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # httpx (qualification probes, control calls) logs every request at INFO.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     app = create_app(config_from_args(args))
     tune_gc()
     uvicorn.run(app, host=args.host, port=args.port, **UVICORN_OPTIONS)

@@ -93,6 +93,9 @@ def plan_fleet(args: argparse.Namespace) -> Fleet:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        # As uvicorn binds: connections of a gateway stopped a moment ago, still in
+        # TIME_WAIT, do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path):
         api_key = re.search(r"API key:\s+(\S+)", text).group(1)
         admin_token = re.search(r"Admin token:\s+(\S+)", text).group(1)
         assert "SIMULATED" in text, "a simulated fleet says so"
+        assert "HTTP Request" not in text, "no line per request the gateway makes (qualifying workers makes dozens)"
 
         client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
         reply = client.chat.completions.create(model="deepseek-r1-distill-qwen-1.5b", messages=[{"role": "user", "content": "hello"}], max_tokens=20)
@@ -119,3 +121,25 @@ def test_fleet_file_with_centers(tmp_path):
     fleet = load_fleet(path)
     assert fleet.size == 12 and fleet.centers == ["east", "west"]
     assert fleet.rtt("west", "east") == 35 and fleet.rtt("east", "east") == 0
+
+
+def test_the_port_of_a_gateway_stopped_a_moment_ago_counts_as_free():
+    """`up` checks its port before starting anything. A gateway that just stopped
+    leaves its connections in TIME_WAIT for a minute; uvicorn binds over them, so
+    the check must too (it said 'already in use' to an immediate restart)."""
+    from gateway.up import _port_free
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert not _port_free("127.0.0.1", port), "a port something listens on is busy"
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server side closes first: its end of the connection stays in TIME_WAIT
+    time.sleep(0.1)
+    client.close()
+    listener.close()
+    time.sleep(0.1)
+    assert _port_free("127.0.0.1", port)
