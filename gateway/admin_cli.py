@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -41,7 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # no request log around the answer
     token = os.environ.get("IDLEGRID_ADMIN_TOKEN")
     if not token:
         raise UserError("set IDLEGRID_ADMIN_TOKEN to the gateway's admin token")

@@ -594,8 +594,7 @@ class Dispatcher:
             except RedisError:
                 # The call went out unguarded (see Registry.reserve_now): once more the
                 # patient way, which reconnects (a retried reservation counts once).
-                attempt.reserving = asyncio.ensure_future(self.registry.reserve(
-                    attempt.worker, job.request_id, job.route.reserved_tokens, job.route.average_kv_tokens, unless_queued=job.model))
+                attempt.reserving = asyncio.ensure_future(self._reserve(job, attempt.worker, unless_queued=True))
                 reservation = await asyncio.shield(attempt.reserving)
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -33,6 +33,11 @@ _TRIES = 3
 _BACKOFF_S = (0.02, 0.1)
 
 
+def _error(reply: ResponseError) -> ResponseError:
+    """An error reply as redis-py raises it (NoScriptError for an unknown script)."""
+    return NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply
+
+
 class _Protocol(asyncio.Protocol):
     """The connection: commands out, replies matched to their callers in order."""
 
@@ -58,7 +63,7 @@ class _Protocol(asyncio.Protocol):
             if decode is None:
                 future.set_result(reply)  # `call` looks at error replies itself
             elif isinstance(reply, ResponseError):
-                future.set_exception(NoScriptError(str(reply)) if str(reply).startswith("NOSCRIPT") else reply)
+                future.set_exception(_error(reply))
             else:
                 try:
                     future.set_result(decode(reply))
@@ -125,8 +130,8 @@ class RedisPipe:
         the event loop. None when the connection is not up (`script` connects). No
         retries: an error (NoScriptError, a lost connection) is the future's, and
         the caller may try again through `script`."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None or self._loop is not asyncio.get_running_loop():
+        protocol = self._connected_protocol()
+        if protocol is None:
             return None
         return protocol.send(("EVALSHA", script.sha, len(keys), *keys, *args), decode)
 
@@ -135,9 +140,7 @@ class RedisPipe:
         TimeoutError when Redis cannot be reached (after a few quick tries)."""
         for attempt in range(_TRIES):
             try:
-                protocol = self._protocol
-                if protocol is None or protocol.lost is not None or self._loop is not asyncio.get_running_loop():
-                    protocol = await self._connect()
+                protocol = self._connected_protocol() or await self._connect()
                 reply = await protocol.send(args)
             except (ConnectionError, TimeoutError):
                 if attempt == _TRIES - 1:
@@ -145,10 +148,16 @@ class RedisPipe:
                 await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
                 continue
             if isinstance(reply, ResponseError):
-                message = str(reply)
-                raise NoScriptError(message) if message.startswith("NOSCRIPT") else reply
+                raise _error(reply)
             return reply
         raise AssertionError("unreachable")
+
+    def _connected_protocol(self) -> _Protocol | None:
+        """The connection, if it is up and belongs to the running event loop."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or self._loop is not asyncio.get_running_loop():
+            return None
+        return protocol
 
     async def _connect(self) -> _Protocol:
         # Callers at the same moment share one connection attempt.

@@ -873,11 +873,6 @@ class Agent:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # One line per event, not one per heartbeat request.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         _check_arguments(args)
         spec = engine_spec(args)
