@@ -223,7 +223,7 @@ run {results['machine'].get('load_average_after')}.
 **Throughput through the gateway: {100 * results['throughput_ratio']:.1f}% of direct
 ({results['throughput_lost_pct']:+.1f}% lost).** Added median TTFT {results['added_median_ttft_ms']:.1f} ms, added
 median inter-token latency {results['added_median_itl_ms']:.2f} ms; the gateway process used
-{results['gateway_cpu_share_median']} of a core while relaying.
+{results['gateway_cpu_share_median']:.2f} of a core while relaying.
 
 | target | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | ITL p99 ms |
 |---|---|---|---|---|---|---|---|
