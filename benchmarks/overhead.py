@@ -715,7 +715,8 @@ async def _phase_capacity(fleet: Fleet, plan: Plan) -> dict:
     return out
 
 
-def run(plan: Plan, out_dir: Path, with_router: bool = True, profile: bool = False, note: str = "") -> dict:
+def run(plan: Plan, out_dir: Path, with_router: bool = True, profile: bool = False, note: str = "",
+        redis_core: int = ROUTER_CORE) -> dict:
     from gateway.embedded_redis import EmbeddedRedis
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -726,9 +727,11 @@ def run(plan: Plan, out_dir: Path, with_router: bool = True, profile: bool = Fal
     redis = EmbeddedRedis(work / "redis")
     redis.start()
     # idlegrid's Redis is part of the router under test (vllm-router keeps its state in
-    # its own process): it shares the router's core, and its CPU time counts as the router's.
-    settle(redis.process.pid, ROUTER_CORE)
+    # its own process): its CPU time counts as the router's. By default it also shares the
+    # router's core; --redis-core gives it one of its own, as a deployment's Redis server has.
+    settle(redis.process.pid, redis_core)
     results: dict[str, Any] = {"plan": plan.__dict__, "machine": machine(), "nice": NICE, "note": note,
+                               "redis_core": redis_core,
                                "load_average_before": [round(x, 2) for x in os.getloadavg()], "engines": {}}
     router_note = router_available() if with_router else "not run (--no-router)"
     results["vllm_router"] = router_note or version_of("vllm-router")
@@ -944,20 +947,40 @@ def _f(x: Any, unit: str = "", nd: int = 2) -> str:
     return str(x)
 
 
+def _out_option(out_dir: Path) -> str:
+    if out_dir.resolve() == DEFAULT_OUT.resolve():
+        return ""
+    try:
+        return f" --out {out_dir.resolve().relative_to(Path.cwd())}"
+    except ValueError:
+        return f" --out {out_dir}"
+
+
+def _placement(redis_core: int) -> str:
+    if redis_core == ROUTER_CORE:
+        redis = "the gateway and its Redis, whose CPU time counts as the router's"
+    else:
+        redis = f"the gateway; its Redis on core {redis_core} of its own, its CPU time still counted as the router's"
+    return (f"router under test pinned to core {ROUTER_CORE} (for idlegrid: {redis}), "
+            f"everything else (engines, worker agents, load generator) on core {REST_CORE}")
+
+
 def readme(results: dict, out_dir: Path) -> str:
     """The report: what was measured, how, the numbers, the plots."""
     plan = results["plan"]
     lines = [
         "# Gateway overhead: idlegrid vs. going straight to the engine vs. vllm-router",
         "",
-        "Reproduce: `python -m benchmarks.overhead" + (f" --nice {results['nice']}" if results.get("nice") else "")
-        + (" --profile" if results.get("profile") else "") + "`"
+        "Reproduce: `python -m benchmarks.overhead" + (" --quick" if plan == QUICK.__dict__ else "")
+        + (" --no-router" if str(results.get("vllm_router", "")).startswith("not run") else "")
+        + (f" --nice {results['nice']}" if results.get("nice") else "")
+        + (f" --redis-core {results['redis_core']}" if results.get("redis_core", ROUTER_CORE) != ROUTER_CORE else "")
+        + (" --profile" if results.get("profile") else "") + _out_option(out_dir) + "`"
         + (f". Code measured: {results['note']}." if results.get("note") else ""),
         "",
         *verdict(results),
         f"Machine: {results['machine']['cpus']} cores ({results['machine']['cpu']}), Python {results['machine']['python']}; "
-        f"router under test pinned to core {ROUTER_CORE} (for idlegrid: the gateway and its Redis, whose CPU time counts as the router's), "
-        f"everything else (engines, worker agents, load generator) on core {REST_CORE}"
+        + _placement(results.get("redis_core", ROUTER_CORE))
         + (f"; all of it at niceness {results['nice']}" if results.get("nice") else "")
         + f". Load average from other work on the machine: {results.get('load_average_before')} before, "
         f"{results.get('load_average_after')} after. {results.get('vllm_router')}.",
@@ -1109,6 +1132,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also py-spy the gateway at full load")
     parser.add_argument("--replot", type=Path, metavar="DIR", help="only redraw the plots and README of a finished run in DIR")
     parser.add_argument("--note", default="", help="a line saying which code was measured, kept in results.json")
+    parser.add_argument("--redis-core", type=int, default=ROUTER_CORE,
+                        help=f"pin idlegrid's Redis to this core (default {ROUTER_CORE}, the router's own; "
+                             "another core stands for a Redis server of its own, as deployed)")
     parser.add_argument("--nice", type=int, default=0,
                         help="run everything at this niceness (e.g. -10 on a machine busy with other work; needs root)")
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -1132,7 +1158,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         os.nice(args.nice)
     plan = QUICK if args.quick else Plan()
     previous = _previous_run(args.out)
-    results = run(plan, args.out, with_router=not args.no_router, profile=args.profile, note=args.note)
+    results = run(plan, args.out, with_router=not args.no_router, profile=args.profile, note=args.note,
+                  redis_core=args.redis_core)
     if previous:
         results["previous"] = previous
     write(results, args.out)
