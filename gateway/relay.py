@@ -431,7 +431,10 @@ class Collector:
             c = self.choices[index]
             reasoning, content = "".join(c["reasoning"]), "".join(c["content"])
             if s.kind == "chat":
-                message: dict[str, Any] = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+                # As vLLM's reasoning parser answers: no text after the reasoning is
+                # null content (e.g. cut off by max_tokens while still thinking).
+                message: dict[str, Any] = {"role": "assistant", "content": content or (None if reasoning else ""),
+                                           "reasoning_content": reasoning or None}
                 message.update(c["extra"])
                 choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": c["finish_reason"]})
             else:

@@ -264,6 +264,20 @@ async def test_usage_comes_from_tracked_tokens_and_the_engine_prompt_count():
     assert answer["usage"] == usage["usage"]
 
 
+async def test_an_answer_cut_off_while_reasoning_has_null_content_as_from_vllm():
+    client = ClientStream("chat", "tiny-r1", "r", include_usage=False, return_token_ids=False)
+    progress = Progress()
+    collector = Collector(client)
+    for event in await events_of(VLLM_CHAT):
+        for piece in pieces_from_chat(event):
+            if piece.content:
+                break  # max_tokens reached before `</think>`
+            progress.record(piece, 1.0)
+            collector.add(piece)
+    message = collector.response(progress)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "reasoning_content": "ineId"}
+
+
 # --- `</think>` across chunks (resumed answers) ------------------------------------------------
 
 
