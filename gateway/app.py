@@ -159,6 +159,9 @@ async def metrics(request: Request) -> Response:
         for state, n in counts.items():
             gw.metrics.workers.labels(state).set(n)
         gw.metrics.queue_depth.clear()
+        # An empty queue reads 0, not "no series": autoscalers and alerts see every model.
+        for model in {w.model for w in workers}:
+            gw.metrics.queue_depth.labels(model, gw.config.center).set(0)
         for (model, center), n in (await gw.dispatcher.queue.depths()).items():
             gw.metrics.queue_depth.labels(model, center).set(n)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -32,10 +32,11 @@ def one_slot_gateway(redis_url):
 
 
 def queue_depth(gw) -> float:
-    for line in httpx.get(gw.url + "/metrics").text.splitlines():
-        if line.startswith("idlegrid_queue_depth{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """The queue depth an autoscaler reads: a series present (0 when nobody waits)."""
+    depths = [float(line.rsplit(" ", 1)[1]) for line in httpx.get(gw.url + "/metrics").text.splitlines()
+              if line.startswith("idlegrid_queue_depth{")]
+    assert len(depths) == 1, "one series: the fleet's one model at the gateway's center"
+    return depths[0]
 
 
 def test_waiting_request_runs_when_the_slot_frees(one_slot_gateway):
