@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
+from typing import Iterator
 
 import uvicorn
 
@@ -42,6 +44,16 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 # X-Forwarded-For rewriting: one middleware less per request), and no `server` header.
 UVICORN_OPTIONS: dict = dict(log_level="warning", access_log=False, timeout_keep_alive=30, loop="auto", http="auto",
                              proxy_headers=False, server_header=False)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside a program that handles Ctrl-C and SIGTERM itself (`up`): its
+    own handlers would stop the gateway at once, before the workers that need it
+    to drain and deregister."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def tune_gc() -> None:

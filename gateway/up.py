@@ -30,7 +30,7 @@ from gateway.fleet import READY
 from gateway.fleet_file import Fleet, FleetFileError, WorkerGroup, load_fleet
 from gateway.policies import DEFAULT_POLICY, POLICIES
 from gateway.registry import Registry
-from gateway.serve import UVICORN_OPTIONS, tune_gc
+from gateway.serve import UVICORN_OPTIONS, EmbeddedServer, tune_gc
 
 DEFAULT_SIM_MODEL = "deepseek-r1-distill-qwen-1.5b"
 DEFAULT_VLLM_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -146,6 +146,11 @@ class Up:
             await client.ping()
         except aioredis.RedisError as exc:
             raise UserError(f"cannot reach Redis at {redis_url}: {exc}") from None
+        if not args.redis:
+            # The private Redis belongs to this state dir: any worker registered there
+            # is a previous run's (stopped hard, before it could deregister).
+            for stale in await registry.workers():
+                await registry.remove(stale.id)
         api_key = args.api_key or "sk-ig-" + secrets.token_urlsafe(24)
         await registry.add_api_key(api_key, name="default")
 
@@ -154,8 +159,7 @@ class Up:
             redis_url=redis_url, center=home, policy=args.policy, admin_token=admin_token,
             center_rtt_ms={c: self.fleet.rtt(home, c) for c in self.fleet.centers if c != home},
         )
-        server = uvicorn.Server(uvicorn.Config(create_app(config), host=args.host, port=args.port, **UVICORN_OPTIONS))
-        server.install_signal_handlers = lambda: None  # we handle signals ourselves
+        server = EmbeddedServer(uvicorn.Config(create_app(config), host=args.host, port=args.port, **UVICORN_OPTIONS))
         serve_task = asyncio.create_task(server.serve())
         while not server.started:
             if serve_task.done():

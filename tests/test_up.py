@@ -3,6 +3,7 @@ and Ctrl-C/SIGTERM leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -14,8 +15,13 @@ import time
 import httpx
 import openai
 import pytest
+import redis
+import redis.asyncio
 
-from gateway.embedded_redis import free_port
+from gateway import keys
+from gateway.embedded_redis import EmbeddedRedis, free_port
+from gateway.fleet import Worker
+from gateway.registry import Registry
 from gateway.fleet_file import FleetFileError, parse_fleet
 
 
@@ -32,8 +38,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path):
+async def _register(redis_url: str, worker: Worker) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    await Registry(client).register(worker)
+    await client.aclose()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path, stop_signal):
     port = free_port()
+    # A previous run on this state dir was killed hard: its worker never deregistered.
+    previous = EmbeddedRedis(tmp_path / "state" / "redis").start()
+    asyncio.run(_register(previous.url, Worker(id="killed-1", center="dc-a", model="deepseek-r1-distill-qwen-1.5b",
+                                               engine_url="http://127.0.0.1:9", state="ready")))
+    previous.stop()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--time-scale", "20"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -60,13 +78,20 @@ def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path):
         reply = client.chat.completions.create(model="deepseek-r1-distill-qwen-1.5b", messages=[{"role": "user", "content": "hello"}], max_tokens=20)
         assert reply.usage.completion_tokens > 0
         workers = httpx.get(base_url.removesuffix("/v1") + "/admin/workers", headers={"Authorization": f"Bearer {admin_token}"}).json()["workers"]
-        assert len(workers) == 3 and {w["center"] for w in workers} == {"dc-a", "dc-b"}
+        assert len(workers) == 3 and {w["center"] for w in workers} == {"dc-a", "dc-b"}, "this run's workers only"
         engine_pids = [w["engine_pid"] for w in workers]
         redis_url = re.search(r"Redis:\s+(\S+)", text).group(1)
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_signal)
         rc = proc.wait(60)
     assert rc == 0
+    # The gateway outlived its workers' drain: each deregistered, so the private
+    # Redis, reopened by the next `up` on this state dir, holds no stale workers.
+    reopened = EmbeddedRedis(tmp_path / "state" / "redis").start()
+    try:
+        assert redis.Redis.from_url(reopened.url).smembers(keys.WORKERS) == set()
+    finally:
+        reopened.stop()
     # Nothing left behind: engines, agents (children of up) and the private Redis.
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in engine_pids) and time.monotonic() < deadline:
