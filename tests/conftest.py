@@ -54,7 +54,6 @@ class ServerThread:
     def __init__(self, app, port: int | None = None):
         self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.server.install_signal_handlers = lambda: None
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -128,7 +128,6 @@ class SmallBufferGateway:
         sock.bind(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
-        self.server.install_signal_handlers = lambda: None
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 10, "the gateway to start")
