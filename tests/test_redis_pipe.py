@@ -44,6 +44,22 @@ async def test_a_script_redis_forgot_is_loaded_again(redis_url):
     await client.aclose()
 
 
+async def test_a_script_sent_now_goes_out_behind_calls_queued_before_it(redis_url):
+    """Calls made in one turn of the event loop are written together at its end;
+    one sent now must not overtake them, or replies would reach the wrong callers."""
+    client = aioredis.Redis.from_url(redis_url)
+    pipe = RedisPipe.like(client)
+    script = client.register_script(ECHO)
+    await pipe.script(script, ["n"], [0])  # connected, script loaded: n = 1
+    queued = [asyncio.ensure_future(pipe.call("INCR", "n")) for _ in range(3)]
+    await asyncio.sleep(0)  # their commands are made, waiting for the end of the turn
+    now = pipe.script_now(script, ["n"], ["now"], decode=lambda reply: reply[2])
+    assert await asyncio.gather(*queued) == [2, 3, 4]
+    assert await now == 5
+    await pipe.close()
+    await client.aclose()
+
+
 async def test_a_script_sent_now_is_on_its_way_before_anything_is_awaited(redis_url):
     """script_now writes the command before it returns: a reply future that holds
     the decoded result as soon as the reply is read. Without a connection it sends
