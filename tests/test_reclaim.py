@@ -235,6 +235,40 @@ def test_sigterm_hands_the_stream_over_instead_of_waiting(fleet):
     assert leaving not in [w["id"] for w in gw.workers()]
 
 
+def test_an_engine_paused_behind_idlegrids_back_sleeps_its_worker_and_the_stream_goes_on(fleet):
+    gw = fleet
+    stream = Stream(gw, gw.max_tokens)
+    assert stream.started.wait(10) and stream.status == 200
+    paused = stream.worker_id
+    engine_url = worker(gw, paused)["engine_url"]
+    time.sleep(0.5)
+    # Someone pauses the engine directly (a training job's script, say), keeping its
+    # requests: the stream just stalls, with no abort and no error to react to.
+    assert httpx.post(f"{engine_url}/pause", params={"mode": "keep"}).status_code == 200
+    try:
+        stream.wait(30)  # within seconds, not the engine stream's idle timeout
+        assert stream.status == 200 and stream.done and not stream.errors and stream.finishes == ["length"]
+        assert stream.answer == gw.baseline.answer
+        assert worker(gw, paused)["state"] == "sleeping"
+        assert "paused outside idlegrid" in gw.logs[paused].read_text()
+        for _ in range(3):
+            response = short_request(gw)
+            assert response.status_code == 200 and response.headers["x-idlegrid-worker"] != paused
+    finally:
+        # Resumed the same way, it serves again by itself.
+        assert httpx.post(f"{engine_url}/resume").status_code == 200
+    wait_for(lambda: worker(gw, paused)["state"] == "ready", 10, "the worker to serve again")
+    assert "the engine was woken outside idlegrid" in gw.logs[paused].read_text()
+
+    # Slept behind its back once more, it is the operator's `admin wake` that wakes it.
+    assert httpx.post(f"{engine_url}/sleep", params={"level": 1}).status_code == 200
+    wait_for(lambda: worker(gw, paused)["state"] == "sleeping", 5, "the worker to report sleeping")
+    with gw.admin as admin:
+        assert admin.post(f"/admin/workers/{paused}/wake").status_code == 200
+    wait_for(lambda: worker(gw, paused)["state"] == "ready", 10, "the woken worker to be ready")
+    assert sleep_state(engine_url) == "awake"
+
+
 # -- reclaim file, end to end ----------------------------------------------------
 
 

@@ -62,6 +62,11 @@ WAKING = "waking"
 # host memory (tens of GB for a large model), level 2 reloads them.
 LIFECYCLE_TIMEOUT_S = 300.0
 
+# An engine put to sleep or paused by someone else (its /sleep or /pause called
+# directly, say by a training job's script taking the GPU back) holds every request
+# sent to it without a word. A serving worker's engine is asked this often.
+OUTSIDE_SLEEP_CHECK_S = 1.0
+
 # Time an engine gets to answer /health after it is launched: vLLM loads weights
 # and profiles memory (minutes on a big model); the simulated engine is instant; the
 # torch engine starts CUDA and draws its random weights (seconds to a minute).
@@ -260,6 +265,8 @@ class Agent:
         self.engine_paused = False
         self.engine_asleep = False
         self.engine_stopped = False  # stopped by us (--on-reclaim stop), not crashed
+        self.slept_outside = False  # asleep or paused by someone else, found so while serving
+        self.next_outside_check = 0.0
         self.model: str | None = None
         self.stop_requested = asyncio.Event()
         self._poke = asyncio.Event()  # something happened: the state machine looks again
@@ -671,20 +678,37 @@ class Agent:
                     log.warning("could not reload weights after sleep level 2: %s", exc)
         await self.engine_call("/wake_up", timeout=LIFECYCLE_TIMEOUT_S)
 
+    async def engine_asleep_or_paused(self) -> bool:
+        """What the engine's /is_sleeping says (vLLM's is true while paused, too);
+        False where it cannot tell (no lifecycle endpoints, no answer)."""
+        try:
+            response = await self.engine_http.get(f"{self.spec.url}/is_sleeping", timeout=5.0)
+            return response.status_code == 200 and response.json().get("is_sleeping") is True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False
+
     async def wake_if_found_asleep(self) -> None:
         """An attached engine left asleep or paused (say by an agent before us) would
         accept work and hold it: wake it before reporting ready."""
-        try:
-            response = await self.engine_http.get(f"{self.spec.url}/is_sleeping", timeout=5.0)
-            asleep = response.status_code == 200 and response.json().get("is_sleeping") is True
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return  # no lifecycle endpoints: nothing to wake
-        if asleep:
+        if await self.engine_asleep_or_paused():
             log.info("engine at %s is asleep or paused: waking it", self.spec.url)
             try:
                 await self.engine_call("/wake_up", timeout=LIFECYCLE_TIMEOUT_S)
             except AgentError as exc:
                 log.warning("could not wake the engine: %s", exc)
+
+    async def check_slept_outside(self) -> None:
+        """Notice the engine put to sleep or paused behind idlegrid's back (sleeping:
+        gateways stop sending it work, and its streams resume on other workers), and
+        woken again the same way (the state machine then serves with it again)."""
+        if await self.engine_asleep_or_paused():
+            if self.state == READY:
+                self.slept_outside = True
+                self.set_state(SLEEPING, "the engine was put to sleep or paused outside idlegrid (its /sleep or /pause "
+                                         "called directly); `idlegrid admin wake` or its own /wake_up brings it back")
+        elif self.slept_outside:
+            self.slept_outside = False
+            log.info("the engine was woken outside idlegrid")
 
     async def check_engine_answers(self) -> None:
         """A one-token completion: the engine is really serving, not only alive."""
@@ -702,6 +726,8 @@ class Agent:
         """Why the GPU must be given back now, or None."""
         if self.operator_drained:
             return "an operator drained this worker"
+        if self.slept_outside and not self.wake_requested:
+            return "the engine was put to sleep or paused outside idlegrid"
         return self.watch.reason if self.watch else None
 
     async def yield_gpu(self, reason: str, since: float) -> None:
@@ -727,7 +753,9 @@ class Agent:
                 await self.wake_engine()  # /wake_up resumes scheduling too
             elif self.engine_paused:
                 await self.engine_call("/resume")
-            self.engine_paused = self.engine_asleep = False
+            elif self.slept_outside:
+                await self.engine_call("/wake_up", timeout=LIFECYCLE_TIMEOUT_S)  # vLLM's resumes a paused engine, too
+            self.engine_paused = self.engine_asleep = self.slept_outside = False
             await self.check_engine_answers()
         except (AgentError, EngineFailed) as exc:
             self.wake_retry_at = time.monotonic() + max(self.args.wake_after, self.args.reclaim_interval)
@@ -757,6 +785,9 @@ class Agent:
             if now >= next_poll:
                 await self.poll_watch()
                 next_poll = now + self.args.reclaim_interval
+            if (self.state == READY or self.slept_outside) and now >= self.next_outside_check and not self.engine_stopped:
+                await self.check_slept_outside()
+                self.next_outside_check = now + OUTSIDE_SLEEP_CHECK_S
             reason = self.reclaim_wanted()
             if reason and self.state in (READY, DRAINING):
                 since = self.operator_drained_at if self.operator_drained and self.operator_drained_at else now
