@@ -34,6 +34,8 @@ from gateway.serve import UVICORN_OPTIONS, EmbeddedServer, tune_gc
 
 DEFAULT_SIM_MODEL = "deepseek-r1-distill-qwen-1.5b"
 DEFAULT_VLLM_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+# How long a stopping `up` lets its workers finish the answers in flight.
+DRAIN_TIMEOUT_S = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +114,14 @@ class Up:
         self.agents: list[subprocess.Popen] = []
         self.stop = asyncio.Event()
 
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            print("idlegrid: stopping now, cutting off the answers in flight", flush=True)
+            for agent in self.agents:
+                if agent.poll() is None:
+                    agent.send_signal(signal.SIGTERM)  # its second signal: it stops without waiting for them
+        self.stop.set()
+
     @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.args.host in ("0.0.0.0", "") else self.args.host
@@ -120,7 +130,7 @@ class Up:
     async def main(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(sig, self._on_signal)
         try:
             return await self._serve()
         finally:
@@ -184,7 +194,8 @@ class Up:
         )
         await self._report_ready(registry)
         await self.stop.wait()
-        print("idlegrid: stopping...", flush=True)
+        print(f"idlegrid: stopping (workers finish the answers in flight, up to {DRAIN_TIMEOUT_S:g} s; "
+              "Ctrl-C again to stop at once)...", flush=True)
         self._engine_pids = [w.engine_pid for w in await registry.workers() if w.engine_pid]
         await self._stop_agents()
         server.should_exit = True
@@ -196,7 +207,7 @@ class Up:
         cmd = [
             sys.executable, "-m", "gateway.cli", "worker",
             "--gateway", self.base_url, "--token", token, "--center", group.center,
-            "--engine", group.engine, "--model", group.model, "--drain-timeout", "10",
+            "--engine", group.engine, "--model", group.model, "--drain-timeout", str(DRAIN_TIMEOUT_S),
             # Everything stops together: there is no other worker to hand streams to.
             "--no-handover",
         ]
@@ -229,7 +240,7 @@ class Up:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), 0.2)
 
-    async def _stop_agents(self, timeout: float = 15.0) -> None:
+    async def _stop_agents(self, timeout: float = DRAIN_TIMEOUT_S + 5) -> None:
         for agent in self.agents:
             if agent.poll() is None:
                 agent.send_signal(signal.SIGTERM)  # the agent drains, deregisters, stops its engine

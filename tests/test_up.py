@@ -104,6 +104,39 @@ def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path, stop_signal):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
 
 
+def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    out: list[str] = []
+    try:
+        while not out or not out[-1].startswith("fleet ready"):
+            line = proc.stdout.readline()
+            assert line, "".join(out)
+            out.append(line)
+        text = "".join(out)
+        base_url = re.search(r"OpenAI base URL: (\S+)", text).group(1)
+        api_key = re.search(r"API key:\s+(\S+)", text).group(1)
+        client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+        stream = client.chat.completions.create(model="deepseek-r1-distill-qwen-1.5b", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=30000, stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))  # a long answer is under way
+
+        proc.send_signal(signal.SIGINT)
+        stopping = next(line for line in iter(proc.stdout.readline, "") if line.startswith("idlegrid: stopping"))
+        assert "Ctrl-C again to stop at once" in stopping
+        time.sleep(1)
+        assert proc.poll() is None, "the first Ctrl-C lets the worker finish the answer"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0, "the second one does not wait for it"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_up_refuses_bad_flags_in_one_line(tmp_path):
     for args, needle in [
         (["--gpu", "h999"], "h999"),
