@@ -108,10 +108,11 @@ def test_paused_vllm_worker_hands_its_streams_to_the_other(vllm_fleet):
         # 1,500 tokens in about a second, and the clients (threads beside the in-process
         # gateway, on 2 cores the engines keep busy) may see them only late and in
         # bursts: the gateway's own open engine streams say when.
-        # Every request must have its engine stream before the pause: one placed on the
-        # paused engine afterwards would be held there, silent, until the gateway's idle
-        # timeout (its worker still reports ready: this test pauses vLLM behind the
-        # agent's back).
+        # Every request has its engine stream before the pause, so that the pause breaks
+        # streams under way. (One placed on the paused engine afterwards would be held
+        # there, silent, until its agent noticed the pause made behind its back, about a
+        # second, and the gateway's stream watchdog moved it: a slower path, tested on
+        # the simulated engine in test_reclaim.py.)
         streams = gw.inside.dispatcher.streams
         opened: set = set()  # the Attempts themselves: held, so none is mistaken for another
         deadline = time.monotonic() + 120
