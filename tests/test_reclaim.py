@@ -139,6 +139,14 @@ class Stream:
         return "".join(self.reasoning), "".join(self.content)
 
 
+def stream_under_way(gw) -> Stream:
+    """A long answer from the fleet, well into its writing."""
+    stream = Stream(gw, gw.max_tokens)
+    assert stream.started.wait(10) and stream.status == 200
+    time.sleep(0.5)
+    return stream
+
+
 # -- a fleet of three simulated workers, in real time ---------------------------
 
 
@@ -167,11 +175,9 @@ def fleet(tmp_path_factory):
 
 def test_operator_drain_hands_the_stream_over_sleeps_and_serves_again_after_wake(fleet):
     gw = fleet
-    stream = Stream(gw, gw.max_tokens)
-    assert stream.started.wait(10) and stream.status == 200
+    stream = stream_under_way(gw)
     drained = stream.worker_id
     engine_url = worker(gw, drained)["engine_url"]
-    time.sleep(0.5)  # well into the answer
     with gw.admin as admin:
         assert admin.post(f"/admin/workers/{drained}/drain").status_code == 200
 
@@ -218,11 +224,9 @@ def test_operator_drain_hands_the_stream_over_sleeps_and_serves_again_after_wake
 
 def test_sigterm_hands_the_stream_over_instead_of_waiting(fleet):
     gw = fleet
-    stream = Stream(gw, gw.max_tokens)
-    assert stream.started.wait(10) and stream.status == 200
+    stream = stream_under_way(gw)
     leaving = stream.worker_id
     agent = gw.agent_of[leaving]
-    time.sleep(0.5)
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(5) == 0
     # The agent left while the answer was still being written: it did not wait for it.
@@ -237,11 +241,9 @@ def test_sigterm_hands_the_stream_over_instead_of_waiting(fleet):
 
 def test_an_engine_paused_behind_idlegrids_back_sleeps_its_worker_and_the_stream_goes_on(fleet):
     gw = fleet
-    stream = Stream(gw, gw.max_tokens)
-    assert stream.started.wait(10) and stream.status == 200
+    stream = stream_under_way(gw)
     paused = stream.worker_id
     engine_url = worker(gw, paused)["engine_url"]
-    time.sleep(0.5)
     # Someone pauses the engine directly (a training job's script, say), keeping its
     # requests: the stream just stalls, with no abort and no error to react to.
     assert httpx.post(f"{engine_url}/pause", params={"mode": "keep"}).status_code == 200
