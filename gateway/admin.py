@@ -15,7 +15,7 @@ from starlette.routing import Route
 from gateway import keys, qualify
 from gateway.errors import APIError
 from gateway.fleet import DRAINING, Worker
-from gateway.registry import hash_secret
+from gateway.registry import api_key_id, hash_secret
 
 # The engine's API key is for gateways only; credentials are never shown.
 _HIDDEN = {"engine_api_key", "extra"}
@@ -80,7 +80,29 @@ async def create_key(request: Request) -> JSONResponse:
         policy=str(body.get("policy", "")),
         allowed_centers=",".join(body.get("allowed_centers", []) or []),
     )
-    return JSONResponse({"key": key, "name": body.get("name", "")}, status_code=201)
+    return JSONResponse({"key": key, "id": api_key_id(hash_secret(key)), "name": body.get("name", "")}, status_code=201)
+
+
+async def list_keys(request: Request) -> JSONResponse:
+    _check_admin(request)
+    return JSONResponse({"keys": await request.app.state.gateway.registry.api_keys()})
+
+
+async def revoke_key(request: Request) -> JSONResponse:
+    """Delete a client API key (a leaked key, a customer gone), given as `key` or by
+    its `id` from the listing. This gateway refuses it at once; others within
+    their cache's few seconds (gateway.app._KEY_CACHE_S)."""
+    _check_admin(request)
+    body = await _body(request)
+    key, key_id = body.get("key"), body.get("id")
+    if not (isinstance(key, str) and key) and not (isinstance(key_id, str) and key_id):
+        raise APIError(400, "give the API key to revoke as 'key', or its id as 'id'", param="id")
+    gw = request.app.state.gateway
+    if not await gw.registry.revoke_api_key(key=key or None, key_id=None if key else key_id):
+        raise APIError(404, "no such API key", code="api_key_not_found")
+    gw.forget_api_keys()
+    gw.log.info("admin: revoked an API key")
+    return JSONResponse({"revoked": True})
 
 
 async def create_enroll_token(request: Request) -> JSONResponse:
@@ -149,6 +171,8 @@ async def worker_action(request: Request) -> JSONResponse:
 routes = [
     Route("/admin/workers", list_workers, methods=["GET"]),
     Route("/admin/keys", create_key, methods=["POST"]),
+    Route("/admin/keys", list_keys, methods=["GET"]),
+    Route("/admin/keys/revoke", revoke_key, methods=["POST"]),
     Route("/admin/enroll-tokens", create_enroll_token, methods=["POST"]),
     Route("/admin/enroll-tokens/revoke", revoke_enroll_token, methods=["POST"]),
     Route("/admin/workers/{worker_id}/{action}", worker_action, methods=["POST"]),

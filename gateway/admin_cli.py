@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import httpx
@@ -22,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     k.add_argument("--name", default="")
     k.add_argument("--policy", default="", help="default routing policy for this key")
     k.add_argument("--allowed-centers", default="", help="comma-separated centers this key's requests may run in")
+    sub.add_parser("keys", help="list the client API keys (ids and names; the keys themselves are never stored)")
+    rk = sub.add_parser("revoke-key", help="delete a client API key (it stops working within seconds)")
+    rk.add_argument("key", metavar="KEY_OR_ID", help="the key itself, or its id from `keys`")
     t = sub.add_parser("create-enroll-token", help="create a worker enrollment token")
     t.add_argument("--center", default="", help="the only center the token enrolls into (default: any)")
     t.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default 3600)")
@@ -50,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "create-key":
             centers = [c for c in args.allowed_centers.split(",") if c]
             r = client.post("/admin/keys", json={"name": args.name, "policy": args.policy, "allowed_centers": centers})
+        elif args.action == "keys":
+            r = client.get("/admin/keys")
+        elif args.action == "revoke-key":
+            is_id = re.fullmatch(r"[0-9a-f]{12}", args.key) is not None
+            r = client.post("/admin/keys/revoke", json={"id": args.key} if is_id else {"key": args.key})
         elif args.action == "create-enroll-token":
             r = client.post("/admin/enroll-tokens", json={"center": args.center, "ttl_s": args.ttl, "uses": args.uses})
         elif args.action == "revoke-enroll-token":
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     data = r.json()
     if args.action == "workers" and not args.json:
         _print_workers(data["workers"])
+    elif args.action == "keys":
+        _print_keys(data["keys"])
     elif args.action == "create-key":
         print(data["key"])
     elif args.action == "create-enroll-token":
@@ -81,6 +92,14 @@ def _qualification(w: dict) -> str:
     q = w.get("qualification") or {}
     status = q.get("status") or ("qualifying" if w["state"] == "starting" else "-")
     return f"{status} {q['tpot_ms']:.2f}ms" if q.get("tpot_ms") is not None else status
+
+
+def _print_keys(api_keys: list[dict]) -> None:
+    print(f"{'ID':<13} {'NAME':<20} {'POLICY':<16} ALLOWED CENTERS")
+    for k in api_keys:
+        print(f"{k['id']:<13} {k.get('name') or '-':<20} {k.get('policy') or '(default)':<16} {k.get('allowed_centers') or '(any)'}")
+    if not api_keys:
+        print("(no keys)", file=sys.stderr)
 
 
 def _print_workers(workers: list[dict]) -> None:

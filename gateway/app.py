@@ -87,6 +87,10 @@ class Gateway:
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
         return tenant
 
+    def forget_api_keys(self) -> None:
+        """Look every key up afresh (one was revoked here)."""
+        self._keys.clear()
+
     async def housekeeping_forever(self) -> None:
         """Renew this gateway's reservation leases, share and refresh estimates, and
         measure the round trip to each center."""

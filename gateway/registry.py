@@ -202,6 +202,12 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def api_key_id(key_hash: str) -> str:
+    """What names a client API key in listings: the start of its hash, which tells
+    nothing about the key (unique enough for the keys of one fleet)."""
+    return key_hash[:12]
+
+
 def _encode(value: Any) -> str:
     if value is None:
         return ""
@@ -457,6 +463,30 @@ class Registry:
         key = "sk-ig-" + secrets.token_urlsafe(24)
         await self.add_api_key(key, name=name, policy=policy, allowed_centers=allowed_centers)
         return key
+
+    async def api_keys(self) -> list[dict[str, str]]:
+        """Every client API key: its id (see `api_key_id`), name, policy and centers; never the key."""
+        hashes = sorted(h.decode() for h in await self.redis.smembers(keys.API_KEYS))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for h in hashes:
+                pipe.hgetall(keys.api_key(h))
+            records = await pipe.execute() if hashes else []
+        return [{"id": api_key_id(h), **{k.decode(): v.decode() for k, v in raw.items()}}
+                for h, raw in zip(hashes, records) if raw]
+
+    async def revoke_api_key(self, *, key: str | None = None, key_id: str | None = None) -> bool:
+        """Delete a client API key, given the key itself or its id; False if there is none."""
+        if key is not None:
+            found = [hash_secret(key)]
+        else:
+            found = [h.decode() for h in await self.redis.smembers(keys.API_KEYS) if api_key_id(h.decode()) == key_id]
+        if len(found) != 1:
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.api_key(found[0]))
+            pipe.srem(keys.API_KEYS, found[0])
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
 
 
 class WorkerCache:

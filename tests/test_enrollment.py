@@ -211,6 +211,33 @@ def admin_cli(gw, *args: str, token: str | None = "default") -> subprocess.Compl
                           capture_output=True, text=True, env=env, timeout=30)
 
 
+def test_api_keys_are_listed_without_the_secret_and_revoked_by_id_or_key(gateway_server):
+    gw = gateway_server
+    keys_made = {name: admin_cli(gw, "create-key", "--name", name, "--allowed-centers", "dc-a").stdout.strip()
+                 for name in ("leaky-startup", "good-startup")}
+
+    def works(key: str) -> bool:
+        status = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+        assert status in (200, 401)
+        return status == 200
+
+    assert all(works(key) for key in keys_made.values())
+    listing = admin_cli(gw, "keys")
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[1]: line.split()[0] for line in listing.stdout.splitlines()[1:]}
+    assert {"leaky-startup", "good-startup"} <= rows.keys()
+    assert "dc-a" in listing.stdout and not any(key in listing.stdout for key in keys_made.values())
+
+    # By the id from the listing: refused at once here (no waiting out the key cache).
+    assert admin_cli(gw, "revoke-key", rows["leaky-startup"]).returncode == 0
+    assert not works(keys_made["leaky-startup"]) and works(keys_made["good-startup"])
+    # By the key itself, as when it shows up somewhere public.
+    assert admin_cli(gw, "revoke-key", keys_made["good-startup"]).returncode == 0
+    assert not works(keys_made["good-startup"])
+    names = [line.split()[1] for line in admin_cli(gw, "keys").stdout.splitlines()[1:]]
+    assert "leaky-startup" not in names and "good-startup" not in names
+
+
 def test_admin_cli_end_to_end(gateway_server):
     gw = gateway_server
     # A client key that works on the OpenAI surface.
@@ -262,6 +289,7 @@ def test_admin_cli_end_to_end(gateway_server):
         (["workers"], "wrong-token", "401"),
         (["revoke", "nobody"], "default", "no worker 'nobody'"),
         (["revoke-enroll-token", "enr-nope"], "default", "no such enrollment token"),
+        (["revoke-key", "sk-ig-nope"], "default", "no such API key"),
         (["create-enroll-token", "--uses", "0"], "default", "positive"),
         (["create-enroll-token", "--ttl", "-5"], "default", "positive"),
     ):
