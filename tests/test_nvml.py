@@ -64,15 +64,15 @@ def test_without_an_nvidia_driver_energy_is_unknown():
     else:
         pynvml.nvmlShutdown()
         pytest.skip("this machine has an NVIDIA driver")
-    assert nvml.gpu_energy_reader(0) is None
-    assert nvml.compute_processes(0) == []
+    assert nvml.gpu_energy_reader([0]) is None
+    assert nvml.compute_processes([0]) == []
 
 
 def test_reader_reports_joules_and_watts(monkeypatch):
     gpus = [h100(), h100(uuid="GPU-bbbb", energy_mj=5_000, power_mw=70_000)]
     FakeGpus(gpus).install(monkeypatch)
 
-    reader = nvml.gpu_energy_reader(1)
+    reader = nvml.gpu_energy_reader([1])
     assert reader is not None
     assert reader.name == "NVIDIA H100 80GB HBM3"
     assert reader.energy_j() == pytest.approx(5.0)
@@ -83,33 +83,62 @@ def test_reader_reports_joules_and_watts(monkeypatch):
     assert reader.energy_j() == pytest.approx(7.5)
 
 
+def test_an_engine_on_several_gpus_is_metered_on_all_of_them(monkeypatch):
+    # A tensor-parallel engine on GPUs 1 and 2 of a four-GPU machine: its energy and
+    # power are both GPUs', or its tokens per joule would read twice too high.
+    gpus = [h100(energy_mj=1_000_000), h100(uuid="GPU-bbbb", energy_mj=5_000, power_mw=300_000),
+            h100(uuid="GPU-cccc", energy_mj=7_000, power_mw=200_000), h100(uuid="GPU-dddd", energy_mj=1_000_000)]
+    FakeGpus(gpus).install(monkeypatch)
+    reader = nvml.gpu_energy_reader(nvml.visible_gpus(2, {"CUDA_VISIBLE_DEVICES": "1,2,3"}))
+    assert reader.energy_j() == pytest.approx(12.0)
+    assert reader.power_w() == pytest.approx(500.0)
+    gpus[2]["energy_mj"] += 3_000
+    assert reader.energy_j() == pytest.approx(15.0)
+    # One GPU without a counter leaves the sum unknown, not short.
+    gpus[2]["energy_mj"] = None
+    assert nvml.gpu_energy_reader([1, 2]) is None
+
+
 def test_gpu_chosen_by_uuid_as_cuda_visible_devices_may_name_it(monkeypatch):
     FakeGpus([h100(), h100(uuid="GPU-bbbb", energy_mj=9_000)]).install(monkeypatch)
-    index = nvml.visible_gpu_index({"CUDA_VISIBLE_DEVICES": "GPU-bbbb,GPU-aaaa"})
-    assert index == "GPU-bbbb"
-    assert nvml.gpu_energy_reader(index).energy_j() == pytest.approx(9.0)
+    gpus = nvml.visible_gpus(1, {"CUDA_VISIBLE_DEVICES": "GPU-bbbb,GPU-aaaa"})
+    assert gpus == ["GPU-bbbb"]
+    assert nvml.gpu_energy_reader(gpus).energy_j() == pytest.approx(9.0)
 
 
-def test_visible_gpu_index():
-    assert nvml.visible_gpu_index({}) == 0
-    assert nvml.visible_gpu_index({"CUDA_VISIBLE_DEVICES": ""}) == 0
-    assert nvml.visible_gpu_index({"CUDA_VISIBLE_DEVICES": "3,1"}) == 3
+def test_visible_gpus_are_the_first_the_engine_can_see():
+    assert nvml.visible_gpus(1, {}) == [0]
+    assert nvml.visible_gpus(4, {}) == [0, 1, 2, 3]
+    assert nvml.visible_gpus(1, {"CUDA_VISIBLE_DEVICES": ""}) == [0]
+    assert nvml.visible_gpus(1, {"CUDA_VISIBLE_DEVICES": "3,1"}) == [3]
+    assert nvml.visible_gpus(2, {"CUDA_VISIBLE_DEVICES": "3, 1,0"}) == [3, 1]
+    assert nvml.parse_gpus("0,GPU-aaaa") == [0, "GPU-aaaa"]
+
+
+@pytest.mark.parametrize("engine_args, gpus", [
+    ([], 1), (["--tensor-parallel-size", "4"], 4), (["-tp", "2", "--pipeline-parallel-size=2"], 4), (["--max-num-seqs", "8"], 1),
+])
+def test_a_vllm_worker_meters_as_many_gpus_as_its_engine_uses(engine_args, gpus, monkeypatch):
+    from workers.agent import engine_gpu_count
+
+    assert engine_gpu_count(SimpleNamespace(engine_args=engine_args)) == gpus
 
 
 def test_gpu_without_energy_counter_is_unknown_not_invented(monkeypatch):
     # Pre-Volta GPUs report power but have no cumulative energy counter.
     FakeGpus([h100(energy_mj=None)]).install(monkeypatch)
-    assert nvml.gpu_energy_reader(0) is None
+    assert nvml.gpu_energy_reader([0]) is None
 
 
 def test_missing_gpu_index_is_unknown(monkeypatch):
     FakeGpus([h100()]).install(monkeypatch)
-    assert nvml.gpu_energy_reader(4) is None
-    assert nvml.gpu_energy_reader("GPU-zzzz") is None
+    assert nvml.gpu_energy_reader([4]) is None
+    assert nvml.gpu_energy_reader(["GPU-zzzz"]) is None
 
 
-def test_compute_processes_lists_pids_on_that_gpu(monkeypatch):
-    FakeGpus([h100(pids=[4242, 4343]), h100(uuid="GPU-bbbb", pids=[])]).install(monkeypatch)
-    assert nvml.compute_processes(0) == [4242, 4343]
-    assert nvml.compute_processes(1) == []
-    assert nvml.compute_processes(7) == []
+def test_compute_processes_lists_pids_on_those_gpus(monkeypatch):
+    FakeGpus([h100(pids=[4242, 4343]), h100(uuid="GPU-bbbb", pids=[5151])]).install(monkeypatch)
+    assert nvml.compute_processes([0]) == [4242, 4343]
+    assert nvml.compute_processes([1]) == [5151]
+    assert nvml.compute_processes([0, 1]) == [4242, 4343, 5151]
+    assert nvml.compute_processes([7]) == []

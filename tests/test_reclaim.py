@@ -444,14 +444,14 @@ def engine_with_child():
 
 def test_only_the_engine_and_its_children_on_the_gpu_is_no_reclaim(gpu_processes, engine_with_child):
     engine, child = engine_with_child
-    watch = ReclaimWatch(gpu_index=0, engine_pid=lambda: engine)
+    watch = ReclaimWatch(gpus=[0], engine_pid=lambda: engine)
     gpu_processes += [engine, child]
     assert watch.poll() is None
 
 
 def test_a_foreign_process_on_the_gpu_is_a_reclaim(gpu_processes, engine_with_child):
     engine, child = engine_with_child
-    watch = ReclaimWatch(gpu_index=0, engine_pid=lambda: engine)
+    watch = ReclaimWatch(gpus=[0], engine_pid=lambda: engine)
     training = subprocess.Popen(["sleep", "60"])
     try:
         gpu_processes += [engine, child, training.pid]
@@ -467,7 +467,7 @@ def test_a_foreign_process_on_the_gpu_is_a_reclaim(gpu_processes, engine_with_ch
 
 def test_nvml_errors_and_invisible_pids_are_no_reclaim(gpu_processes, engine_with_child, monkeypatch):
     engine, _ = engine_with_child
-    watch = ReclaimWatch(gpu_index=0, engine_pid=lambda: engine)
+    watch = ReclaimWatch(gpus=[0], engine_pid=lambda: engine)
     gpu_processes += [engine, 2**22 + 12345]  # a pid of another pid namespace: cannot be judged
     assert watch.poll() is None
 

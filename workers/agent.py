@@ -97,7 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--engine-api-key", metavar="KEY", help="API key of the --engine-url engine")
     engine.add_argument("--model", help="model to serve (vllm: a path or hub id; sim: a model profile id; torch: a config, e.g. 8b)")
     engine.add_argument("--gpu", help="GPU profile (sim, required) or GPU name to report (default: from NVML)")
-    engine.add_argument("--gpu-index", help="NVML index or UUID of the GPU to meter (default: first of CUDA_VISIBLE_DEVICES, else 0)")
+    engine.add_argument("--gpu-index", metavar="GPUS",
+                        help="NVML indices or UUIDs of the engine's GPUs to meter, comma-separated (default: as many "
+                             "as vLLM's --tensor-parallel-size x --pipeline-parallel-size, from the first of "
+                             "CUDA_VISIBLE_DEVICES, else of the machine)")
     engine.add_argument("--time-scale", type=float, help="sim: simulated seconds per wall-clock second")
     engine.add_argument("--seed", type=int, help="sim: seed of the deterministic output; torch: seed of the weights")
     engine.add_argument("--extra-latency-ms", type=float, help="sim: round trip added to every response, to emulate a distant center")
@@ -180,6 +183,16 @@ def _engine_flag_value(engine_args: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def engine_gpu_count(args: argparse.Namespace) -> int:
+    """GPUs one vLLM engine uses: tensor x pipeline parallel size (1 for the others)."""
+    engine_args = getattr(args, "engine_args", None) or []
+    count = 1
+    for long, short in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")):
+        value = _engine_flag_value(engine_args, long) or _engine_flag_value(engine_args, short)
+        count *= int(value) if value and value.isdigit() else 1
+    return count
 
 
 @dataclass
@@ -276,7 +289,7 @@ class Agent:
         self.credential: str | None = None
         self.heartbeat_interval = args.heartbeat_interval
         self.energy_reader: nvml.GpuEnergyReader | None = None
-        self.gpu_index: int | str = args.gpu_index if args.gpu_index is not None else nvml.visible_gpu_index()
+        self.gpus = nvml.parse_gpus(args.gpu_index) if args.gpu_index else nvml.visible_gpus(engine_gpu_count(args))
         self.watch: ReclaimWatch | None = None
         self._metrics_failing = False
         # What the heartbeat loop learned, for the state machine.
@@ -612,7 +625,7 @@ class Agent:
 
     def gpu_memory(self) -> int | None:
         """GPU memory in use, where NVML can tell (a simulated engine uses none)."""
-        return gpu_memory_used(self.gpu_index) if self.spec.kind != "sim" else None
+        return gpu_memory_used(self.gpus) if self.spec.kind != "sim" else None
 
     async def free_gpu(self) -> str:
         """Sleep or stop the engine so its GPU memory is free; returns what was done."""
@@ -859,7 +872,7 @@ class Agent:
         return ReclaimWatch(
             command=self.args.reclaim_command,
             file=self.args.reclaim_file,
-            gpu_index=self.gpu_index if watch_nvml else None,
+            gpus=self.gpus if watch_nvml else None,
             engine_pid=lambda: self.engine.pid if self.engine is not None and not self.engine_stopped else None,
         )
 
@@ -869,7 +882,7 @@ class Agent:
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
             if self.spec.kind != "sim":
-                self.energy_reader = await asyncio.to_thread(nvml.gpu_energy_reader, self.gpu_index)
+                self.energy_reader = await asyncio.to_thread(nvml.gpu_energy_reader, self.gpus)
                 if self.energy_reader is None:
                     log.info("no NVIDIA GPU energy counter; energy reported as unknown")
             self.start_engine()

@@ -6,12 +6,17 @@ millijoules since the driver loaded) rather than integrating sampled power: the
 counter is what the hardware accumulates, so no sample is ever missed. Where
 NVML, the driver or the counter is absent we return None and the agent reports
 energy as unknown; a number is never invented.
+
+A worker is one engine, and an engine may span several GPUs (vLLM's tensor and
+pipeline parallelism): its energy is the sum over all of them, or its tokens per
+joule would be overstated that many times over.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Sequence
 
 import pynvml
 
@@ -19,17 +24,17 @@ log = logging.getLogger(__name__)
 
 
 class GpuEnergyReader:
-    """Reads one GPU's cumulative energy (J) and present power draw (W)."""
+    """Reads an engine's GPUs' cumulative energy (J) and present power draw (W), summed."""
 
-    def __init__(self, handle, name: str):
-        self._handle = handle
-        self.name = name
+    def __init__(self, handles: list, name: str):
+        self._handles = handles
+        self.name = name  # the first GPU's: an engine's GPUs are all of one kind
 
     def energy_j(self) -> float:
-        return pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) / 1000.0
+        return sum(pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles) / 1000.0
 
     def power_w(self) -> float:
-        return pynvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0
+        return sum(pynvml.nvmlDeviceGetPowerUsage(h) for h in self._handles) / 1000.0
 
 
 def _device_handle(index: int | str):
@@ -40,37 +45,44 @@ def _device_handle(index: int | str):
     return pynvml.nvmlDeviceGetHandleByIndex(int(index))
 
 
-def gpu_energy_reader(index: int | str = 0) -> GpuEnergyReader | None:
-    """A reader for GPU `index`, or None where NVML, that GPU or its energy counter is absent."""
+def gpu_energy_reader(gpus: Sequence[int | str]) -> GpuEnergyReader | None:
+    """A reader for the GPUs `gpus`, or None where NVML, one of them or its energy
+    counter is absent (a sum with a GPU missing would be no fleet's energy)."""
     try:
-        handle = _device_handle(index)
-        name = pynvml.nvmlDeviceGetName(handle)
+        handles = [_device_handle(index) for index in gpus]
+        name = pynvml.nvmlDeviceGetName(handles[0])
         if isinstance(name, bytes):
             name = name.decode()
-        reader = GpuEnergyReader(handle, name)
+        reader = GpuEnergyReader(handles, name)
         # Pre-Volta GPUs have no energy counter; find out now, not on every heartbeat.
         reader.energy_j()
         reader.power_w()
     except pynvml.NVMLError as exc:
-        log.debug("no NVML energy for GPU %s: %s", index, exc)
+        log.debug("no NVML energy for GPUs %s: %s", list(gpus), exc)
         return None
     return reader
 
 
-def compute_processes(index: int | str = 0) -> list[int]:
-    """Pids of the compute processes on GPU `index` (empty where NVML or the GPU is absent)."""
-    try:
-        handle = _device_handle(index)
-        return [proc.pid for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
-    except pynvml.NVMLError as exc:
-        log.debug("cannot list compute processes on GPU %s: %s", index, exc)
-        return []
+def compute_processes(gpus: Sequence[int | str]) -> list[int]:
+    """Pids of the compute processes on the GPUs `gpus` (none where NVML or a GPU is absent)."""
+    pids: list[int] = []
+    for index in gpus:
+        try:
+            handle = _device_handle(index)
+            pids += [proc.pid for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)]
+        except pynvml.NVMLError as exc:
+            log.debug("cannot list compute processes on GPU %s: %s", index, exc)
+    return sorted(set(pids))
 
 
-def visible_gpu_index(environ: dict[str, str] | None = None) -> int | str:
-    """The GPU this worker's engine will use: the first of CUDA_VISIBLE_DEVICES, else 0."""
+def parse_gpus(text: str) -> list[int | str]:
+    """GPUs as CUDA_VISIBLE_DEVICES and --gpu-index name them: "0,1" or "GPU-…" UUIDs."""
+    return [int(g) if g.isdigit() else g for g in (part.strip() for part in text.split(",")) if g]
+
+
+def visible_gpus(count: int = 1, environ: dict[str, str] | None = None) -> list[int | str]:
+    """The `count` GPUs an engine uses (as vLLM picks them): the first of
+    CUDA_VISIBLE_DEVICES, else the first of the machine."""
     environ = os.environ if environ is None else environ
-    visible = environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    if not visible:
-        return 0
-    return int(visible) if visible.isdigit() else visible
+    visible = parse_gpus(environ.get("CUDA_VISIBLE_DEVICES", ""))
+    return visible[:count] if visible else list(range(count))

@@ -24,7 +24,7 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pynvml
@@ -93,12 +93,16 @@ def belongs_to_engine(pid: int, engine_pid: int) -> bool | None:
     return False
 
 
-def gpu_memory_used(index: int | str) -> int | None:
-    """Bytes of GPU memory in use now, or None without NVML."""
+def gpu_memory_used(gpus: Sequence[int | str]) -> int | None:
+    """Bytes of memory in use now on the GPUs `gpus`, or None without NVML."""
     try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(nvml._device_handle(index)).used)
+        return sum(int(pynvml.nvmlDeviceGetMemoryInfo(nvml._device_handle(index)).used) for index in gpus)
     except pynvml.NVMLError:
         return None
+
+
+def _names(gpus: Sequence[int | str]) -> str:
+    return ",".join(map(str, gpus))
 
 
 class ReclaimWatch:
@@ -109,14 +113,14 @@ class ReclaimWatch:
         *,
         command: str | None = None,
         file: Path | None = None,
-        gpu_index: int | str | None = None,
+        gpus: Sequence[int | str] | None = None,
         engine_pid: Callable[[], int | None] = lambda: None,
         hook_timeout: float = DEFAULT_HOOK_TIMEOUT_S,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.command = command
         self.file = file
-        self.gpu_index = gpu_index  # None: NVML is not watched
+        self.gpus = list(gpus) if gpus is not None else None  # None: NVML is not watched
         self.engine_pid = engine_pid
         self.hook_timeout = hook_timeout
         self.clock = clock
@@ -133,17 +137,17 @@ class ReclaimWatch:
             out.append(f"file {self.file}")
         if self.command:
             out.append(f"command {shlex.quote(self.command)}")
-        if self.gpu_index is not None:
-            out.append(f"NVML processes on GPU {self.gpu_index}")
+        if self.gpus is not None:
+            out.append(f"NVML processes on GPU {_names(self.gpus)}")
         return out
 
     def foreign_processes(self) -> list[int]:
-        """Compute processes on the GPU that are not the engine's."""
-        if self.gpu_index is None:
+        """Compute processes on the engine's GPUs that are not the engine's."""
+        if self.gpus is None:
             return []
         engine_pid = self.engine_pid()
         foreign = []
-        for pid in nvml.compute_processes(self.gpu_index):
+        for pid in nvml.compute_processes(self.gpus):
             if pid == os.getpid():
                 continue
             ours = belongs_to_engine(pid, engine_pid) if engine_pid else False
@@ -155,7 +159,7 @@ class ReclaimWatch:
                 if pid not in self._unseen_pids:
                     log.warning("GPU %s runs pid %d, which is not visible here (another pid namespace?); "
                                 "NVML cannot tell it from the engine: share the host pid namespace or use "
-                                "--reclaim-command/--reclaim-file", self.gpu_index, pid)
+                                "--reclaim-command/--reclaim-file", _names(self.gpus), pid)
                     self._unseen_pids.add(pid)
                 continue
             if not ours:
@@ -175,7 +179,7 @@ class ReclaimWatch:
         foreign = self.foreign_processes()
         if foreign:
             pids = ", ".join(map(str, foreign))
-            return f"NVML shows compute process {pids} on GPU {self.gpu_index}, not the engine's"
+            return f"NVML shows compute process {pids} on GPU {_names(self.gpus)}, not the engine's"
         return None
 
     def poll(self) -> str | None:
