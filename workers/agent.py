@@ -721,7 +721,8 @@ class Agent:
                                          "called directly); `idlegrid admin wake` or its own /wake_up brings it back")
         elif self.slept_outside:
             self.slept_outside = False
-            log.info("the engine was woken outside idlegrid")
+            if self.reclaim_wanted() is None:
+                await self.wake("the engine was woken outside idlegrid")
 
     async def check_engine_answers(self) -> None:
         """A one-token completion: the engine is really serving, not only alive."""
