@@ -210,6 +210,8 @@ class Up:
             "--engine", group.engine, "--model", group.model, "--drain-timeout", str(DRAIN_TIMEOUT_S),
             # Everything stops together: there is no other worker to hand streams to.
             "--no-handover",
+            # Killed outright (no Ctrl-C to pass on), `up` still takes its workers with it.
+            "--stop-with-parent",
         ]
         env = dict(os.environ)
         if group.engine == "sim":

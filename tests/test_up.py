@@ -4,6 +4,7 @@ and Ctrl-C/SIGTERM leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -135,6 +137,47 @@ def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_workers_stop_with_up_even_when_it_is_killed_outright(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    out: list[str] = []
+    try:
+        while not out or not out[-1].startswith("fleet ready"):
+            line = proc.stdout.readline()
+            assert line, "".join(out)
+            out.append(line)
+        text = "".join(out)
+        admin_token = re.search(r"Admin token:\s+(\S+)", text).group(1)
+        redis_url = re.search(r"Redis:\s+(\S+)", text).group(1)
+        (worker,) = httpx.get(f"http://127.0.0.1:{port}/admin/workers", headers={"Authorization": f"Bearer {admin_token}"}).json()["workers"]
+        agents = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == proc.pid
+                  and b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        assert len(agents) == 1 and _alive(worker["engine_pid"])
+        proc.kill()  # no signal to pass on: SIGKILL, an OOM kill, a crash
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while (_alive(agents[0]) or _alive(worker["engine_pid"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(agents[0]) and not _alive(worker["engine_pid"]), "the worker and its engine (its GPU) are let go"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(redis.RedisError):
+            redis.Redis.from_url(redis_url).shutdown(nosave=True)  # the private Redis has no parent watch
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def test_up_refuses_bad_flags_in_one_line(tmp_path):

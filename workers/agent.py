@@ -67,6 +67,9 @@ LIFECYCLE_TIMEOUT_S = 300.0
 # sent to it without a word. A serving worker's engine is asked this often.
 OUTSIDE_SLEEP_CHECK_S = 1.0
 
+# How often a worker started with --stop-with-parent looks for its parent.
+PARENT_CHECK_S = 0.5
+
 # Time an engine gets to answer /health after it is launched: vLLM loads weights
 # and profiles memory (minutes on a big model); the simulated engine is instant; the
 # torch engine starts CUDA and draws its random weights (seconds to a minute).
@@ -111,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--engine-start-timeout", type=float, metavar="S", help="seconds to wait for engine /health (default: vllm 1800, sim 60, torch 600)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S", help="seconds between heartbeats (default 1.0)")
     parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="S", help="with --no-handover: seconds in-flight requests get to finish on shutdown (default 30)")
+    parser.add_argument("--stop-with-parent", action="store_true",
+                        help="stop (without waiting for in-flight requests) when the process that started this agent "
+                             "exits, however it exits: `idlegrid up` starts its workers so")
     parser.add_argument("--handover", action=argparse.BooleanOptionalAction, default=True,
                         help="on SIGTERM, end in-flight requests at once (the gateway resumes them on other workers) "
                              "instead of waiting for them (default: on)")
@@ -877,10 +883,21 @@ class Agent:
             engine_pid=lambda: self.engine.pid if self.engine is not None and not self.engine_stopped else None,
         )
 
+    async def stop_with_parent(self, parent: int) -> None:
+        """Stop once `parent` is gone, even killed outright (then no signal comes): a
+        worker whose `idlegrid up` died serves nobody, and would hold its GPU for good."""
+        while os.getppid() == parent:
+            await asyncio.sleep(PARENT_CHECK_S)
+        log.warning("the process that started this worker (pid %d) is gone: stopping", parent)
+        self.hurry = True
+        self.stop_requested.set()
+        self._poke.set()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
+        parent_watch = asyncio.create_task(self.stop_with_parent(os.getppid())) if self.args.stop_with_parent else None
         try:
             if self.spec.kind != "sim":
                 self.energy_reader = await asyncio.to_thread(nvml.gpu_energy_reader, self.gpus)
@@ -913,6 +930,8 @@ class Agent:
                 await asyncio.to_thread(self.engine.stop)
             await self.engine_http.aclose()
             await self.gateway_http.aclose()
+            if parent_watch is not None:
+                parent_watch.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
