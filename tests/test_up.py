@@ -106,10 +106,12 @@ def test_up_serves_openai_sdk_and_stops_cleanly(tmp_path, stop_signal):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
 
 
-def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
-    port = free_port()
+@contextlib.contextmanager
+def up_with_one_worker(tmp_path):
+    """`idlegrid up` over one simulated worker, ready to serve, and what it printed;
+    killed at the end if it still runs."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--workers", "1"],
+        [sys.executable, "-m", "gateway.cli", "up", "--port", str(free_port()), "--state-dir", str(tmp_path / "state"), "--workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     out: list[str] = []
@@ -119,9 +121,18 @@ def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
             assert line, "".join(out)
             out.append(line)
         text = "".join(out)
-        base_url = re.search(r"OpenAI base URL: (\S+)", text).group(1)
-        api_key = re.search(r"API key:\s+(\S+)", text).group(1)
-        client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+        printed = {name: re.search(rf"{label}:\s+(\S+)", text).group(1) for name, label in (
+            ("base_url", "OpenAI base URL"), ("api_key", "API key"), ("admin_token", "Admin token"), ("redis_url", "Redis"))}
+        yield proc, printed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
+    with up_with_one_worker(tmp_path) as (proc, printed):
+        client = openai.OpenAI(base_url=printed["base_url"], api_key=printed["api_key"], max_retries=0)
         stream = client.chat.completions.create(model="deepseek-r1-distill-qwen-1.5b", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=30000, stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))  # a long answer is under way
@@ -133,43 +144,25 @@ def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
         assert proc.poll() is None, "the first Ctrl-C lets the worker finish the answer"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(5) == 0, "the second one does not wait for it"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_workers_stop_with_up_even_when_it_is_killed_outright(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "up", "--port", str(port), "--state-dir", str(tmp_path / "state"), "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    out: list[str] = []
-    try:
-        while not out or not out[-1].startswith("fleet ready"):
-            line = proc.stdout.readline()
-            assert line, "".join(out)
-            out.append(line)
-        text = "".join(out)
-        admin_token = re.search(r"Admin token:\s+(\S+)", text).group(1)
-        redis_url = re.search(r"Redis:\s+(\S+)", text).group(1)
-        (worker,) = httpx.get(f"http://127.0.0.1:{port}/admin/workers", headers={"Authorization": f"Bearer {admin_token}"}).json()["workers"]
-        agents = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == proc.pid
-                  and b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
-        assert len(agents) == 1 and _alive(worker["engine_pid"])
-        proc.kill()  # no signal to pass on: SIGKILL, an OOM kill, a crash
-        proc.wait()
-        deadline = time.monotonic() + 15
-        while (_alive(agents[0]) or _alive(worker["engine_pid"])) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(agents[0]) and not _alive(worker["engine_pid"]), "the worker and its engine (its GPU) are let go"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    with up_with_one_worker(tmp_path) as (proc, printed):
+        try:
+            gateway = printed["base_url"].removesuffix("/v1")
+            (worker,) = httpx.get(gateway + "/admin/workers", headers={"Authorization": f"Bearer {printed['admin_token']}"}).json()["workers"]
+            agents = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(int(pid)) == proc.pid
+                      and b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+            assert len(agents) == 1 and _alive(worker["engine_pid"])
+            proc.kill()  # no signal to pass on: SIGKILL, an OOM kill, a crash
             proc.wait()
-        with contextlib.suppress(redis.RedisError):
-            redis.Redis.from_url(redis_url).shutdown(nosave=True)  # the private Redis has no parent watch
+            deadline = time.monotonic() + 15
+            while (_alive(agents[0]) or _alive(worker["engine_pid"])) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _alive(agents[0]) and not _alive(worker["engine_pid"]), "the worker and its engine (its GPU) are let go"
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis.from_url(printed["redis_url"]).shutdown(nosave=True)  # the private Redis has no parent watch
 
 
 def _parent(pid: int) -> int | None:
