@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -43,6 +44,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except (OSError, IndexError):
+        return False
+
+
 class EmbeddedRedis:
     """One redis-server process; `url` is ready to use once `start()` returns."""
 
@@ -58,6 +66,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stop_left_over()
         args = [
             find_redis_server(),
             "--port", str(self.port),
@@ -68,6 +77,7 @@ class EmbeddedRedis:
             "--save", "",
             "--protected-mode", "yes",
             "--logfile", str(self.state_dir / "redis.log"),
+            "--pidfile", str(self.pidfile),
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -86,6 +96,27 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         finally:
             client.close()
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state_dir / "redis.pid"
+
+    def _stop_left_over(self, timeout: float = 10.0) -> None:
+        """Stop a server an earlier run left on this directory (its owner was killed
+        outright): two servers appending to one file would corrupt it. It is shut
+        down cleanly, so what it accepted is in the file the new one loads."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            # redis-server works in its --dir: a pid reused by anything else is not ours.
+            if os.readlink(f"/proc/{pid}/cwd") != str(self.state_dir.resolve()) or not _running(pid):
+                return
+        except (OSError, ValueError):
+            return
+        os.kill(pid, signal.SIGTERM)  # redis-server's clean shutdown: the file is flushed
+        deadline = time.monotonic() + timeout
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -131,3 +131,18 @@ async def test_a_restarted_redis_is_reconnected_and_an_absent_one_fails_fast(tmp
         await pipe.close()
         await client.aclose()
         server.stop()
+
+
+def test_a_server_left_on_the_state_dir_hands_over_to_the_next_one(tmp_path):
+    """Whoever ran the private Redis was killed outright and left it running: the next
+    start on that directory stops it first (two servers appending to one file would
+    corrupt it), and what the old one accepted is all there."""
+    left_over = EmbeddedRedis(tmp_path / "state").start()
+    redis.Redis.from_url(left_over.url).set("accepted", "yes")
+    successor = EmbeddedRedis(tmp_path / "state").start()
+    try:
+        assert left_over.process.wait(5) == 0, "the left-over server was shut down cleanly"
+        assert redis.Redis.from_url(successor.url).get("accepted") == b"yes"
+    finally:
+        successor.stop()
+        left_over.stop()

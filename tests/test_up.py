@@ -162,7 +162,7 @@ def test_workers_stop_with_up_even_when_it_is_killed_outright(tmp_path):
             assert not _alive(agents[0]) and not _alive(worker["engine_pid"]), "the worker and its engine (its GPU) are let go"
         finally:
             with contextlib.suppress(redis.RedisError):
-                redis.Redis.from_url(printed["redis_url"]).shutdown(nosave=True)  # the private Redis has no parent watch
+                redis.Redis.from_url(printed["redis_url"]).shutdown(nosave=True)  # left running; the next `up` here would stop it
 
 
 def _parent(pid: int) -> int | None:
