@@ -94,11 +94,11 @@ async def revoke_key(request: Request) -> JSONResponse:
     their cache's few seconds (gateway.app._KEY_CACHE_S)."""
     _check_admin(request)
     body = await _body(request)
-    key, key_id = body.get("key"), body.get("id")
-    if not (isinstance(key, str) and key) and not (isinstance(key_id, str) and key_id):
+    key, key_id = (value if isinstance(value, str) and value else None for value in (body.get("key"), body.get("id")))
+    if key is None and key_id is None:
         raise APIError(400, "give the API key to revoke as 'key', or its id as 'id'", param="id")
     gw = request.app.state.gateway
-    if not await gw.registry.revoke_api_key(key=key or None, key_id=None if key else key_id):
+    if not await gw.registry.revoke_api_key(key=key, key_id=key_id):
         raise APIError(404, "no such API key", code="api_key_not_found")
     gw.forget_api_keys()
     gw.log.info("admin: revoked an API key")

@@ -475,7 +475,7 @@ class Registry:
                 for h, raw in zip(hashes, records) if raw]
 
     async def revoke_api_key(self, *, key: str | None = None, key_id: str | None = None) -> bool:
-        """Delete a client API key, given the key itself or its id; False if there is none."""
+        """Delete a client API key, given the key itself (preferred) or its id; False if there is none."""
         if key is not None:
             found = [hash_secret(key)]
         else:
