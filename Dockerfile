@@ -4,7 +4,7 @@
 #   docker build -t idlegrid:cpu --build-arg EXTRAS=cpu .   # CPU-only: vLLM's CPU build
 #
 #   docker run --rm -p 8000:8000 idlegrid up --host 0.0.0.0 --engine sim
-#   docker run --rm --gpus all idlegrid worker --gateway http://gw:8000 --token ... --center dc-a --engine vllm --model ...
+#   docker run --rm --gpus all --no-healthcheck idlegrid worker --gateway http://gw:8000 --token ... --center dc-a --engine vllm --model ...
 FROM python:3.11-slim
 
 ARG EXTRAS=vllm
@@ -32,6 +32,8 @@ USER idlegrid
 VOLUME /var/lib/idlegrid
 EXPOSE 8000
 
+# The gateway's /health (`up`, `gateway`); a worker container serves no port of its own,
+# so run those with --no-healthcheck (as above).
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health')" || exit 1
 ENTRYPOINT ["idlegrid"]
 CMD ["up", "--host", "0.0.0.0", "--state-dir", "/var/lib/idlegrid"]
