@@ -289,9 +289,13 @@ def _updates_between(series: Sequence[tuple[float, float]], t0: float, t1: float
     return updates
 
 
+def _sum_known(values: Sequence[float | None]) -> float | None:
+    """The sum, or None when any part is unknown (a partial sum would read as the whole)."""
+    return None if not values or None in values else sum(values)
+
+
 def _sum_power(workers: Sequence[dict]) -> float | None:
-    powers = [w["avg_power_w"] for w in workers]
-    return None if not powers or None in powers else sum(powers)
+    return _sum_known([w["avg_power_w"] for w in workers])
 
 
 def unavailable(note: str) -> dict:
@@ -351,7 +355,10 @@ def energy_over_window(
     by_worker = []
     for w in sorted(metered, key=lambda w: w.worker_id):
         series = points[w.worker_id]
-        joules = energy_between(series, window.start_s, window.end_s)
+        updates = _updates_between(series, window.start_s, window.end_s)
+        # A counter that never moved inside the window (one shorter than the
+        # workers' heartbeat) says nothing about the energy spent there: unknown, not 0 J.
+        joules = energy_between(series, window.start_s, window.end_s) if updates else None
         # Modeled joules of a time-scaled simulator span time_scale × the wall-clock window.
         seconds = length * (w.time_scale or 1.0)
         tokens = tokens_between([r for r in records if r.worker == w.worker_id], window.start_s, window.end_s) if attributed else None
@@ -367,7 +374,7 @@ def energy_over_window(
                 "output_tokens": tokens,
                 "tokens_per_joule": _ratio(tokens, joules),
                 "samples_in_window": sum(1 for t, _ in series if window.start_s <= t <= window.end_s),
-                "counter_updates_in_window": _updates_between(series, window.start_s, window.end_s),
+                "counter_updates_in_window": updates,
                 "covers_window": series[0][0] <= window.start_s and series[-1][0] >= window.end_s,
             }
         )
@@ -375,7 +382,7 @@ def energy_over_window(
     by_center = []
     for center in sorted({w["center"] for w in by_worker}):
         members = [w for w in by_worker if w["center"] == center]
-        joules = sum(w["energy_joules"] for w in members)
+        joules = _sum_known([w["energy_joules"] for w in members])
         tokens = sum(w["output_tokens"] for w in members) if attributed else None
         by_center.append(
             {
@@ -389,14 +396,19 @@ def energy_over_window(
             }
         )
 
-    fleet_joules = sum(w["energy_joules"] for w in by_worker)
+    fleet_joules = _sum_known([w["energy_joules"] for w in by_worker])
     fleet_tokens = tokens_between(records, window.start_s, window.end_s)
     source = _source_label({w["energy_source"] for w in by_worker})
     if source == "mixed":
         kinds = sorted({w["energy_source"] for w in by_worker})
         notes.append(f"energy sources are mixed ({', '.join(kinds)}): measured and modeled joules are added together")
     fewest_updates = min(w["counter_updates_in_window"] for w in by_worker)
-    if fewest_updates < MIN_COUNTER_UPDATES:
+    if fewest_updates == 0:
+        notes.append(
+            f"an energy counter did not change inside the {length:.2f} s steady window (workers report it with "
+            "each heartbeat), so energy is not given; send more requests for a longer window"
+        )
+    elif fewest_updates < MIN_COUNTER_UPDATES:
         notes.append(
             f"an energy counter changed only {fewest_updates} time(s) inside the {length:.2f} s steady window, "
             "so these energy figures are rough; send more requests for a longer window"

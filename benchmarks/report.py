@@ -163,9 +163,9 @@ def plot_energy_by_center(path: Path, runs: Sequence[dict]) -> Path:
     for i, run in enumerate(runs):
         per_center = {(c["center"] or "(none)"): c for c in run.get("energy_by_center", [])}
         xs = [j + i * width for j in range(len(centers))]
-        axes[0].bar(xs, [(per_center.get(c) or {}).get("avg_power_w") or 0 for c in centers], width, label=run["label"])
+        axes[0].bar(xs, [(per_center.get(c) or {}).get("avg_power_w") or float("nan") for c in centers], width, label=run["label"])
         if with_tokens:
-            axes[1].bar(xs, [(per_center.get(c) or {}).get("tokens_per_joule") or 0 for c in centers], width, label=run["label"])
+            axes[1].bar(xs, [(per_center.get(c) or {}).get("tokens_per_joule") or float("nan") for c in centers], width, label=run["label"])
     titles = ["Average power per center (W)", "Output tokens per joule per center"]
     for ax, title in zip(axes, titles):
         ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(centers))], centers)

@@ -245,6 +245,18 @@ def test_a_window_with_few_counter_updates_is_flagged_rough():
     assert result["energy_by_worker"][0]["counter_updates_in_window"] < 5
 
 
+def test_a_window_shorter_than_a_heartbeat_gives_no_energy_rather_than_zero():
+    # Counters that step once a second, and a steady window between two steps.
+    stepped = [(t / 10, WorkerReading(w, 1000.0 + 300 * math.floor(t / 10), "modeled", c, "h100", "m"))
+               for t in range(0, 60) for w, c in (("a", "dc-a"), ("b", "dc-b"))]
+    result = energy_over_window(_snapshots(stepped), steady_window([(2.1, 2.6), (2.2, 2.7), (2.3, 2.8)], 3),
+                                _steady_records(), model="m")
+    assert result["energy_joules"] is None and result["avg_power_w"] is None and result["tokens_per_joule"] is None
+    assert all(w["energy_joules"] is None for w in result["energy_by_worker"])
+    assert all(c["energy_joules"] is None for c in result["energy_by_center"])
+    assert "did not change" in result["energy_note"] and result["energy_source"] == "modeled"
+
+
 def test_workers_of_other_models_are_left_out():
     snapshots = _snapshots(_linear_counter("a", 300, center="dc-a"),
                            _linear_counter("z", 900, center="dc-a", model="other"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import openai
 import pytest
 import redis
 import redis.asyncio
+from PIL import Image
 
 from gateway import keys
 from gateway.embedded_redis import EmbeddedRedis, free_port
@@ -144,6 +146,35 @@ def test_a_second_ctrl_c_stops_at_once_though_an_answer_is_in_flight(tmp_path):
         assert proc.poll() is None, "the first Ctrl-C lets the worker finish the answer"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(5) == 0, "the second one does not wait for it"
+
+
+def test_bench_against_up_gives_results_plots_and_a_report(tmp_path):
+    """What an operator runs: `idlegrid up`, then `idlegrid bench` at the URL, key
+    and admin token it printed."""
+    out = tmp_path / "bench"
+    with up_with_one_worker(tmp_path) as (_, printed):
+        bench = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "bench", "--base-url", printed["base_url"], "--api-key", printed["api_key"],
+             "--model", "deepseek-r1-distill-qwen-1.5b", "--workload", "fixed", "--input-len", "32", "--output-len", "48",
+             "--num-requests", "24", "--rate", "6", "--slo", "ttft_ms=5000,tpot_ms=500",
+             "--energy-from", printed["base_url"].removesuffix("/v1"), "--admin-token", printed["admin_token"],
+             "--energy-interval", "0.1", "--out", str(out)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert (results["completed"], results["failed"], results["total_output_tokens"]) == (24, 0, 24 * 48)
+    assert results["request_goodput"] == pytest.approx(results["request_throughput"])
+    assert 0 < results["median_ttft_ms"] <= results["p99_ttft_ms"] and results["mean_tpot_ms"] > 0
+    # Four seconds of sends span several heartbeats, each carrying the worker's energy counter.
+    assert results["energy_source"] == "modeled" and results["energy_joules"] > 0 and results["tokens_per_joule"] > 0
+    report = (out / "report.md").read_text()
+    pngs = sorted(out.glob("*.png"))
+    assert pngs
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()  # raises on a broken PNG
+        assert f"]({png.name})" in report
 
 
 def test_workers_stop_with_up_even_when_it_is_killed_outright(tmp_path):
