@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import cli
@@ -36,6 +35,7 @@ from benchmarks.metrics import (
 )
 from benchmarks.workloads import R1_OUTPUT_CAP, WorkloadError, build_requests, jsonl_requests
 from gateway.embedded_redis import EmbeddedRedis
+from tests.bench_files import check_bench_outputs
 from tests.conftest import start_gateway
 from workers.sim import EnginesInThread, SimEngine
 from workers.sim.profiles import get_gpu
@@ -442,22 +442,6 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _check_outputs(out: Path, results: dict) -> str:
-    """Every file a user opens is there and valid; returns report.md."""
-    lines = (out / "requests.jsonl").read_text().splitlines()
-    assert len(lines) == sum(r["sent"] for r in results["runs"])
-    report = (out / "report.md").read_text()
-    pngs = sorted(out.glob("*.png"))
-    assert pngs
-    for png in pngs:
-        with Image.open(png) as image:
-            image.verify()  # raises on a broken PNG
-        with Image.open(png) as image:
-            assert image.format == "PNG" and image.width > 300 and image.height > 200
-        assert f"]({png.name})" in report  # embedded in the report
-    return report
-
-
 def test_live_run_against_a_simulated_engine(sim_engine, tmp_path):
     out = tmp_path / "direct"
     status = _run([
@@ -490,7 +474,7 @@ def test_live_run_against_a_simulated_engine(sim_engine, tmp_path):
 
     first = json.loads((out / "requests.jsonl").read_text().splitlines()[0])
     assert len(first["itl_ms"]) == 63 and first["ttft_ms"] > 0 and first["output_tokens_from"] == "usage"
-    report = _check_outputs(out, results)
+    report = check_bench_outputs(out, results)
     assert "Simulated engine" in report and "modeled" in report
 
 
@@ -508,7 +492,7 @@ def test_live_sweep_gives_one_entry_and_point_per_rate(sim_engine, tmp_path):
     assert "completed" not in results  # a sweep has no single run to copy to the top level
     sent = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     assert sorted({line["run"] for line in sent}) == [0, 1]
-    _check_outputs(out, results)
+    check_bench_outputs(out, results)
     assert {"throughput_vs_load.png", "tokens_per_joule_vs_load.png"} <= {p.name for p in out.glob("*.png")}
 
 
@@ -533,7 +517,7 @@ def test_live_run_through_the_gateway_with_energy_per_center(idlegrid_fleet, tmp
     assert results["tokens_per_joule"] > 0
     gpu = get_gpu(SIM_GPU)  # two GPUs; heartbeats make the edges of the window coarse, hence the slack
     assert 2 * gpu.idle_w * 0.5 <= results["avg_power_w"] <= 2 * gpu.max_w * 1.5
-    report = _check_outputs(out, results)
+    report = check_bench_outputs(out, results)
     assert "energy_by_center.png" in report and "| dc-a |" in report and "| dc-b |" in report
 
     # The same counters, read straight from the fleet's Redis.
@@ -605,5 +589,5 @@ def test_ctrl_c_writes_what_was_measured(sim_engine, tmp_path):
     assert results["interrupted"] is True
     assert results["unfinished"] > 0 and results["failed"] == 0  # cut-off requests are not failures
     assert results["energy_source"] == "unavailable" and results["tokens_per_joule"] is None
-    report = _check_outputs(out, results)
+    report = check_bench_outputs(out, results)
     assert "Interrupted" in report and "unavailable" in report

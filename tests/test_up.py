@@ -20,13 +20,13 @@ import openai
 import pytest
 import redis
 import redis.asyncio
-from PIL import Image
 
 from gateway import keys
 from gateway.embedded_redis import EmbeddedRedis, free_port
 from gateway.fleet import Worker
 from gateway.registry import Registry
 from gateway.fleet_file import FleetFileError, parse_fleet
+from tests.bench_files import check_bench_outputs
 
 
 def _alive(pid: int) -> bool:
@@ -168,13 +168,7 @@ def test_bench_against_up_gives_results_plots_and_a_report(tmp_path):
     assert 0 < results["median_ttft_ms"] <= results["p99_ttft_ms"] and results["mean_tpot_ms"] > 0
     # Four seconds of sends span several heartbeats, each carrying the worker's energy counter.
     assert results["energy_source"] == "modeled" and results["energy_joules"] > 0 and results["tokens_per_joule"] > 0
-    report = (out / "report.md").read_text()
-    pngs = sorted(out.glob("*.png"))
-    assert pngs
-    for png in pngs:
-        with Image.open(png) as image:
-            image.verify()  # raises on a broken PNG
-        assert f"]({png.name})" in report
+    check_bench_outputs(out, results)
 
 
 def test_workers_stop_with_up_even_when_it_is_killed_outright(tmp_path):
