@@ -90,8 +90,8 @@ async def list_keys(request: Request) -> JSONResponse:
 
 async def revoke_key(request: Request) -> JSONResponse:
     """Delete a client API key (a leaked key, a customer gone), given as `key` or by
-    its `id` from the listing. This gateway refuses it at once; others within
-    their cache's few seconds (gateway.app._KEY_CACHE_S)."""
+    its `id` from the listing. Every gateway refuses it at once: the revocation is
+    published to all of them (gateway.app.Gateway.forget_revoked_keys_forever)."""
     _check_admin(request)
     body = await _body(request)
     key, key_id = (value if isinstance(value, str) and value else None for value in (body.get("key"), body.get("id")))

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import admin, control, serving
+from gateway import admin, control, keys, serving
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher
 from gateway.engine_client import EngineClient
@@ -34,7 +34,7 @@ from gateway.registry import Registry
 
 log = logging.getLogger("idlegrid.gateway")
 
-_KEY_CACHE_S = 5.0  # a revoked API key stops working within this long
+_KEY_CACHE_S = 5.0  # a revoked API key stops working within this long, had its revocation message been missed
 _PING_EVERY_S = 5.0  # how often the round trip to each center is measured
 
 
@@ -88,8 +88,23 @@ class Gateway:
         return tenant
 
     def forget_api_keys(self) -> None:
-        """Look every key up afresh (one was revoked here)."""
+        """Look every key up afresh (one was revoked)."""
         self._keys.clear()
+
+    async def forget_revoked_keys_forever(self) -> None:
+        """Drop cached keys the moment any gateway revokes one (Redis pub/sub), so a
+        leaked key stops working everywhere at once. Should a message be missed
+        while the connection is down, the cache's few seconds still bound it."""
+        while True:
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(keys.API_KEYS_REVOKED)
+                    self.forget_api_keys()  # anything revoked while we were not listening
+                    while True:
+                        if await pubsub.get_message(timeout=1.0) is not None:
+                            self.forget_api_keys()
+            except (aioredis.RedisError, OSError):  # Redis away: listen again once it is back
+                await asyncio.sleep(1.0)
 
     async def housekeeping_forever(self) -> None:
         """Renew this gateway's reservation leases, share and refresh estimates, and
@@ -176,11 +191,13 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        renewer = asyncio.create_task(gateway.housekeeping_forever())
+        background = [asyncio.create_task(gateway.housekeeping_forever()),
+                      asyncio.create_task(gateway.forget_revoked_keys_forever())]
         try:
             yield
         finally:
-            renewer.cancel()
+            for task in background:
+                task.cancel()
             await gateway.close()
 
     app = Starlette(

@@ -38,6 +38,8 @@ def api_key(key_hash: str) -> str:
 
 
 API_KEYS = "idlegrid:{tenants}:keys"  # SET of key hashes
+# Pub/sub channel: a key hash, published when that key is revoked (every gateway drops it from its cache)
+API_KEYS_REVOKED = "idlegrid:{tenants}:keys:revoked"
 
 
 def queue(model: str) -> str:

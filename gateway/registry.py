@@ -485,7 +485,8 @@ class Registry:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.api_key(found[0]))
             pipe.srem(keys.API_KEYS, found[0])
-            deleted, _ = await pipe.execute()
+            pipe.publish(keys.API_KEYS_REVOKED, found[0])
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)
 
 

@@ -19,7 +19,7 @@ import redis
 
 from gateway import keys
 from gateway.embedded_redis import free_port
-from tests.conftest import MODEL
+from tests.conftest import MODEL, start_gateway
 from workers.sim.profiles import PerfModel, get_gpu, get_model
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -236,6 +236,26 @@ def test_api_keys_are_listed_without_the_secret_and_revoked_by_id_or_key(gateway
     assert not works(keys_made["good-startup"])
     names = [line.split()[1] for line in admin_cli(gw, "keys").stdout.splitlines()[1:]]
     assert "leaky-startup" not in names and "good-startup" not in names
+
+
+def test_a_key_revoked_on_one_gateway_is_refused_by_every_gateway_at_once(gateway_server):
+    gw = gateway_server
+    other_server, other = start_gateway(gw.redis_url)
+    try:
+        key = admin_cli(gw, "create-key", "--name", "leaked").stdout.strip()
+
+        def status_on(handle) -> int:
+            return httpx.get(handle.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        assert status_on(other) == 200  # the other gateway now holds the key in its cache
+        assert admin_cli(gw, "revoke-key", key).returncode == 0
+        # Well inside the key cache's 5 s: the revocation reached the other gateway.
+        refused = time.monotonic() + 1.0
+        while status_on(other) != 401:
+            assert time.monotonic() < refused, "the other gateway still takes the revoked key"
+            time.sleep(0.05)
+    finally:
+        other_server.stop()
 
 
 def test_admin_cli_end_to_end(gateway_server):
