@@ -152,7 +152,7 @@ def test_bench_against_up_gives_results_plots_and_a_report(tmp_path):
     """What an operator runs: `idlegrid up`, then `idlegrid bench` at the URL, key
     and admin token it printed."""
     out = tmp_path / "bench"
-    with up_with_one_worker(tmp_path) as (_, printed):
+    with up_with_one_worker(tmp_path) as (proc, printed):
         bench = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "bench", "--base-url", printed["base_url"], "--api-key", printed["api_key"],
              "--model", "deepseek-r1-distill-qwen-1.5b", "--workload", "fixed", "--input-len", "32", "--output-len", "48",
@@ -161,6 +161,8 @@ def test_bench_against_up_gives_results_plots_and_a_report(tmp_path):
              "--energy-interval", "0.1", "--out", str(out)],
             capture_output=True, text=True, timeout=120,
         )
+        proc.send_signal(signal.SIGINT)  # a clean stop takes the private Redis down with it
+        assert proc.wait(60) == 0
     assert bench.returncode == 0, bench.stdout + bench.stderr
     results = json.loads((out / "results.json").read_text())
     assert (results["completed"], results["failed"], results["total_output_tokens"]) == (24, 0, 24 * 48)
